@@ -1,0 +1,140 @@
+//! `factlib setup`: check `wal_level`, create the publication and the slot.
+//!
+//! Idempotent: a second run changes nothing and says so.
+
+use std::process::ExitCode;
+
+use super::{connect_sql, CliError};
+use crate::config::{CommonArgs, SetupArgs};
+
+fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CliError {
+    let context = context.into();
+    move |source| CliError::Postgres { context, source }
+}
+
+/// Quotes a possibly schema-qualified table name as `"schema"."table"`.
+fn quote_table(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{}\"", part.trim().replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Runs `factlib setup`.
+pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliError> {
+    let client = connect_sql(&common.database_url).await?;
+
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(pg("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(CliError::Precondition(format!(
+            "wal_level is '{wal_level}', but logical replication needs 'logical'.\n  \
+             fix: run ALTER SYSTEM SET wal_level = logical; as a superuser (or set it in postgresql.conf), then restart PostgreSQL"
+        )));
+    }
+    println!("wal_level: logical");
+
+    let publication = &common.publication;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(pg("looking up the publication"))?
+        .is_some();
+    if !exists {
+        let sql = if args.tables.is_empty() {
+            format!("CREATE PUBLICATION \"{publication}\"")
+        } else {
+            let tables: Vec<_> = args.tables.iter().map(|t| quote_table(t)).collect();
+            format!(
+                "CREATE PUBLICATION \"{publication}\" FOR TABLE {}",
+                tables.join(", ")
+            )
+        };
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(pg(format!("creating publication \"{publication}\"")))?;
+        if args.tables.is_empty() {
+            println!("publication \"{publication}\": created (logical messages only, no tables)");
+        } else {
+            println!(
+                "publication \"{publication}\": created with tables {}",
+                args.tables.join(", ")
+            );
+        }
+    } else {
+        let mut added = Vec::new();
+        for t in &args.tables {
+            let present = client
+                .query_opt(
+                    "SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+                     WHERE p.pubname = $1 AND pr.prrelid = $2::text::regclass",
+                    &[publication, t],
+                )
+                .await
+                .map_err(pg(format!("checking table {t}")))?
+                .is_some();
+            if !present {
+                client
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION \"{publication}\" ADD TABLE {}",
+                        quote_table(t)
+                    ))
+                    .await
+                    .map_err(pg(format!(
+                        "adding table {t} to publication \"{publication}\""
+                    )))?;
+                added.push(t.as_str());
+            }
+        }
+        if added.is_empty() {
+            println!("publication \"{publication}\": exists, unchanged");
+        } else {
+            println!(
+                "publication \"{publication}\": exists, added tables {}",
+                added.join(", ")
+            );
+        }
+    }
+
+    let slot = &common.slot;
+    let row = client
+        .query_opt(
+            "SELECT plugin, slot_type, database FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await
+        .map_err(pg("looking up the replication slot"))?;
+    match row {
+        Some(r) => {
+            let plugin: Option<String> = r.get(0);
+            let kind: String = r.get(1);
+            if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
+                return Err(CliError::Precondition(format!(
+                    "replication slot \"{slot}\" exists but is a {kind} slot with plugin {}; \
+                     factlib needs a logical pgoutput slot. Drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another --slot",
+                    plugin.as_deref().unwrap_or("none")
+                )));
+            }
+            println!("slot \"{slot}\": exists (pgoutput), unchanged");
+        }
+        None => {
+            let lsn: String = client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[slot],
+                )
+                .await
+                .map_err(pg(format!("creating replication slot \"{slot}\"")))?
+                .get(0);
+            println!("slot \"{slot}\": created (pgoutput) at {lsn}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,335 @@
+//! The command line: one clap [`Cli`] with a sub-struct per stage.
+//!
+//! Owns every tunable. Each flag also reads a `FACTLIB_*` environment
+//! variable, and each has a `--help` text that says what it does and its
+//! default.
+//!
+//! **Invariants**
+//! - Values are validated here (or in [`ConnectionConfig::from_url`]) so a
+//!   stage never sees a nonsensical setting.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::fact::DEFAULT_PREFIX;
+
+/// Factlib: relays facts that services write to PostgreSQL's WAL.
+#[derive(Debug, Parser)]
+#[command(name = "factlib", version, about, long_about = None)]
+pub struct Cli {
+    /// Connection and naming options shared by every command.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand shares.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// PostgreSQL connection URL (libpq form; the password may be given in
+    /// PGPASSWORD instead). Only TCP hosts are supported for replication.
+    #[arg(
+        long,
+        global = true,
+        env = "FACTLIB_DATABASE_URL",
+        default_value = "postgresql://factlib:factlib@127.0.0.1:54329/factlib",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Logical replication slot that holds the relay's position.
+    #[arg(long, global = true, env = "FACTLIB_SLOT", default_value = "factlib")]
+    pub slot: String,
+
+    /// Publication the slot streams (messages only unless tables are added).
+    #[arg(
+        long,
+        global = true,
+        env = "FACTLIB_PUBLICATION",
+        default_value = "factlib"
+    )]
+    pub publication: String,
+
+    /// Logical-message prefix that marks a fact; messages under other
+    /// prefixes are skipped.
+    #[arg(long, global = true, env = "FACTLIB_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`,
+    /// `factlib=debug`). Logs go to stderr.
+    #[arg(long, global = true, env = "FACTLIB_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check wal_level and create the publication and the slot if missing.
+    Setup(SetupArgs),
+    /// Emit one fact in its own transaction.
+    Emit(EmitArgs),
+    /// Stream facts from the slot and print one JSON object per line.
+    Tail(TailArgs),
+    /// Show the slot's position, lag and retained WAL; exits 1 if it is missing.
+    Status,
+}
+
+/// `factlib setup`
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Tables to add to the publication (schema-qualified, comma-separated).
+    /// Without any, the publication carries logical messages only.
+    #[arg(long, env = "FACTLIB_TABLES", value_delimiter = ',')]
+    pub tables: Vec<String>,
+}
+
+/// `factlib emit`
+#[derive(Debug, Args)]
+pub struct EmitArgs {
+    /// The aggregate's type, e.g. `order`.
+    #[arg(long, env = "FACTLIB_AGGREGATE_TYPE")]
+    pub aggregate_type: String,
+    /// The aggregate's id; becomes the Kafka key.
+    #[arg(long, env = "FACTLIB_AGGREGATE_ID")]
+    pub aggregate_id: String,
+    /// What happened, e.g. `order.placed`.
+    #[arg(long, env = "FACTLIB_EVENT_TYPE")]
+    pub event_type: String,
+    /// The payload, as a string.
+    #[arg(
+        long,
+        conflicts_with = "payload_file",
+        required_unless_present = "payload_file"
+    )]
+    pub payload: Option<String>,
+    /// Read the payload (any bytes) from this file; `-` reads stdin.
+    #[arg(long)]
+    pub payload_file: Option<std::path::PathBuf>,
+    /// Metadata entry `key=value`; repeat for more.
+    #[arg(long = "metadata", value_parser = parse_key_value)]
+    pub metadata: Vec<(String, String)>,
+}
+
+/// `factlib tail`
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Stop after printing this many facts.
+    #[arg(long, env = "FACTLIB_TAIL_LIMIT")]
+    pub limit: Option<u64>,
+    /// Never confirm: the slot keeps its position, and the facts come again.
+    #[arg(long, env = "FACTLIB_TAIL_NO_CONFIRM")]
+    pub no_confirm: bool,
+    /// Replication connection settings.
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+/// Replication-connection tunables (shared by `tail` and `relay`).
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// Socket transport for the replication stream: `auto` uses io_uring
+    /// when the kernel allows it, else plain tokio.
+    #[arg(long, env = "FACTLIB_TRANSPORT", value_enum, default_value_t = Transport::Auto)]
+    pub transport: Transport,
+
+    /// How often to send a standby status update to the server, in
+    /// milliseconds (also sent whenever the server asks).
+    #[arg(long, env = "FACTLIB_STATUS_INTERVAL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub status_interval_ms: u64,
+
+    /// Size of each socket read buffer, in bytes.
+    #[arg(long, env = "FACTLIB_READ_BUFFER", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+    pub read_buffer: u64,
+
+    /// Read batches queued between the socket reader and the decoder before
+    /// the reader stops reading (backpressure).
+    #[arg(long, env = "FACTLIB_READ_QUEUE", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub read_queue: u64,
+
+    /// Give up connecting after this many milliseconds.
+    #[arg(long, env = "FACTLIB_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub connect_timeout_ms: u64,
+}
+
+impl SourceArgs {
+    /// The status interval as a `Duration`.
+    pub fn status_interval(&self) -> Duration {
+        Duration::from_millis(self.status_interval_ms)
+    }
+}
+
+/// Which socket implementation reads the replication stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// io_uring if the kernel allows it, else tokio.
+    Auto,
+    /// io_uring through tokio-uring; fails if unavailable.
+    Uring,
+    /// Plain tokio (epoll).
+    Tokio,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+/// A configuration value that cannot work. Definite.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The database URL does not parse.
+    #[error("invalid --database-url: {0}; expected e.g. postgresql://user:password@127.0.0.1:5432/dbname")]
+    DatabaseUrl(#[source] tokio_postgres::Error),
+    /// The URL names no TCP host.
+    #[error("--database-url names no TCP host; the replication client needs host and port (e.g. 127.0.0.1:5432)")]
+    NoTcpHost,
+    /// The URL names no user.
+    #[error("--database-url names no user")]
+    NoUser,
+    /// A name that cannot be used as a slot or publication.
+    #[error(
+        "invalid {what} name {name:?}: use lowercase letters, digits and underscores (at most 63)"
+    )]
+    BadName {
+        /// `slot` or `publication`.
+        what: &'static str,
+        /// The name given.
+        name: String,
+    },
+}
+
+/// Where and how to connect, as parsed from the URL.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// TCP host.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Role.
+    pub user: String,
+    /// Password, from the URL or PGPASSWORD.
+    pub password: Option<String>,
+    /// Database name (defaults to the user name, like libpq).
+    pub dbname: String,
+}
+
+impl ConnectionConfig {
+    /// Parses a libpq URL or key/value string.
+    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        let cfg: tokio_postgres::Config = url.parse().map_err(ConfigError::DatabaseUrl)?;
+        let host = cfg
+            .get_hosts()
+            .iter()
+            .find_map(|h| match h {
+                tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            })
+            .ok_or(ConfigError::NoTcpHost)?;
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let user = cfg.get_user().ok_or(ConfigError::NoUser)?.to_owned();
+        let password = cfg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .or_else(|| std::env::var("PGPASSWORD").ok());
+        let dbname = cfg.get_dbname().unwrap_or(&user).to_owned();
+        Ok(ConnectionConfig {
+            host,
+            port,
+            user,
+            password,
+            dbname,
+        })
+    }
+}
+
+/// Checks a slot or publication name (PostgreSQL's rule for slot names, also
+/// applied to publications so they need no quoting).
+pub fn check_name(what: &'static str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadName {
+            what,
+            name: name.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_every_flag_has_help() {
+        Cli::command().debug_assert();
+        fn walk(cmd: &clap::Command) {
+            for a in cmd.get_arguments() {
+                if a.get_id() == "help" || a.get_id() == "version" {
+                    continue;
+                }
+                assert!(
+                    a.get_help().is_some(),
+                    "--{} of {} has no help",
+                    a.get_id(),
+                    cmd.get_name()
+                );
+            }
+            for s in cmd.get_subcommands() {
+                walk(s);
+            }
+        }
+        walk(&Cli::command());
+    }
+
+    #[test]
+    fn parses_urls() {
+        let c = ConnectionConfig::from_url("postgresql://u:p@127.0.0.1:5433/db").unwrap();
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.port,
+                c.user.as_str(),
+                c.password.as_deref(),
+                c.dbname.as_str()
+            ),
+            ("127.0.0.1", 5433, "u", Some("p"), "db")
+        );
+        let c = ConnectionConfig::from_url("host=localhost user=x").unwrap();
+        assert_eq!((c.port, c.dbname.as_str()), (5432, "x"));
+        assert!(matches!(
+            ConnectionConfig::from_url("postgresql://127.0.0.1/db"),
+            Err(ConfigError::NoUser)
+        ));
+        assert!(ConnectionConfig::from_url("not a url ===").is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("slot", "factlib_1").is_ok());
+        for bad in ["", "Upper", "with-dash", "x y", &"a".repeat(64)] {
+            assert!(check_name("slot", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn metadata_pairs() {
+        assert_eq!(
+            parse_key_value("a=b=c").unwrap(),
+            ("a".into(), "b=c".into())
+        );
+        assert!(parse_key_value("=x").is_err());
+        assert!(parse_key_value("nokey").is_err());
+    }
+}

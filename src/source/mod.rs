@@ -1,0 +1,467 @@
+//! The replication connection: connect, authenticate, `IDENTIFY_SYSTEM`,
+//! `START_REPLICATION`, then stream CopyData and send standby feedback.
+//!
+//! ```text
+//!  transport reader task ──batches of Backend──► ReplicationStream::next ──► ReplicationMessage
+//!  caller ──confirm(lsn)──► ReplicationStream ──status update (flush = confirmed)──► server
+//! ```
+//!
+//! This module does not interpret facts: it hands XLogData up unchanged.
+//!
+//! **Invariants**
+//! - The flush position sent to the server never exceeds what the caller
+//!   confirmed, and never moves backwards.
+//! - A status update goes out at least every `status_interval`, and at once
+//!   when a keepalive asks for a reply, so the walsender never times us out
+//!   while we are healthy.
+
+pub mod transport;
+
+use std::collections::VecDeque;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::config::{ConnectionConfig, SourceArgs, Transport};
+use crate::lsn::Lsn;
+use crate::pgwire::backend::{Backend, ServerError};
+use crate::pgwire::replication::{unix_to_pg_micros, ReplicationMessage, StandbyStatusUpdate};
+use crate::pgwire::startup::{
+    QueryStatus, Ready, SimpleQuery, Startup, StartupError, StartupParams,
+};
+use crate::pgwire::DecodeError;
+
+use transport::{ReadBatch, Writer};
+
+/// Why the replication connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A socket error.
+    #[error("replication connection I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Could not reach the server.
+    #[error("cannot connect to PostgreSQL at {addr}: {source}; is the server running and listening on that address?")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting took too long.
+    #[error("connecting to PostgreSQL at {0} timed out")]
+    ConnectTimeout(String),
+    /// The server closed the connection.
+    #[error("the server closed the replication connection")]
+    Closed,
+    /// A frame that does not decode.
+    #[error("malformed message from the server: {0}")]
+    Decode(#[from] DecodeError),
+    /// Authentication or startup failed.
+    #[error("{}{}", .0, startup_advice(.0))]
+    Startup(#[from] StartupError),
+    /// The server answered a command with an error.
+    #[error("{context} failed: {error}{}", advice(.error))]
+    Server {
+        /// The command that failed.
+        context: String,
+        /// What the server said.
+        error: Box<ServerError>,
+    },
+    /// The server answered something we did not expect.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+fn advice(e: &ServerError) -> &'static str {
+    match e.code.as_str() {
+        "55006" => "\n  another process (probably another relay or tail) is streaming from this slot; stop it, or use a different --slot",
+        "42704" => "\n  the replication slot does not exist; run `factlib setup` to create it",
+        "55000" if e.message.contains("wal_level") => {
+            "\n  set wal_level = logical in postgresql.conf and restart PostgreSQL"
+        }
+        "28P01" => "\n  check the user and password in --database-url / FACTLIB_DATABASE_URL",
+        "28000" => "\n  pg_hba.conf has no entry allowing this role to connect for replication from this host; add a `host replication <role> <address> scram-sha-256` line and reload PostgreSQL",
+        "42501" => "\n  the role needs the REPLICATION attribute: ALTER ROLE <user> REPLICATION",
+        "53300" => "\n  raise max_wal_senders / max_connections, or stop idle replication clients",
+        _ => "",
+    }
+}
+
+fn startup_advice(e: &StartupError) -> &'static str {
+    match e {
+        StartupError::Server(e) => advice(e),
+        _ => "",
+    }
+}
+
+impl SourceError {
+    /// True if retrying later (with backoff) may succeed: lost
+    /// connections, a slot busy with another process, a server restarting.
+    /// False for errors that will repeat until someone changes something.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Io(_)
+            | SourceError::Connect { .. }
+            | SourceError::ConnectTimeout(_)
+            | SourceError::Closed => true,
+            SourceError::Server { error, .. }
+            | SourceError::Startup(StartupError::Server(error)) => {
+                matches!(
+                    error.code.as_str(),
+                    "55006" | "53300" | "57P01" | "57P02" | "57P03" | "08006" | "08003"
+                )
+            }
+            _ => false,
+        }
+    }
+
+    /// The SQLSTATE, for errors the server reported.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            SourceError::Server { error, .. }
+            | SourceError::Startup(StartupError::Server(error)) => Some(error.code.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// The answer to `IDENTIFY_SYSTEM`.
+#[derive(Debug, Clone)]
+pub struct SystemIdentity {
+    /// The cluster's system identifier.
+    pub system_id: String,
+    /// Current timeline.
+    pub timeline: u32,
+    /// Current WAL flush position.
+    pub xlogpos: Lsn,
+    /// The database we are connected to.
+    pub dbname: Option<String>,
+}
+
+/// A replication connection.
+pub struct ReplicationStream {
+    rx: mpsc::Receiver<ReadBatch>,
+    pending: VecDeque<Backend>,
+    writer: Writer,
+    out: BytesMut,
+    ready: Ready,
+    confirmed: Lsn,
+    status_interval: Duration,
+    next_status: Instant,
+}
+
+impl ReplicationStream {
+    /// Connects with `replication=database` and authenticates.
+    pub async fn connect(conn: &ConnectionConfig, args: &SourceArgs) -> Result<Self, SourceError> {
+        let target = format!("{}:{}", conn.host, conn.port);
+        let addr: SocketAddr = target
+            .to_socket_addrs()
+            .map_err(|source| SourceError::Connect {
+                addr: target.clone(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| SourceError::Connect {
+                addr: target.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "host did not resolve"),
+            })?;
+        let read_buffer = usize::try_from(args.read_buffer).unwrap_or(1 << 20);
+        let queue = usize::try_from(args.read_queue).unwrap_or(64);
+        let connecting = transport::connect(args.transport, addr, read_buffer, queue);
+        let (writer, rx) =
+            tokio::time::timeout(Duration::from_millis(args.connect_timeout_ms), connecting)
+                .await
+                .map_err(|_| SourceError::ConnectTimeout(target.clone()))?
+                .map_err(|source| SourceError::Connect {
+                    addr: target.clone(),
+                    source,
+                })?;
+        let mut s = ReplicationStream {
+            rx,
+            pending: VecDeque::new(),
+            writer,
+            out: BytesMut::with_capacity(1024),
+            ready: Ready::default(),
+            confirmed: Lsn::INVALID,
+            status_interval: args.status_interval(),
+            next_status: Instant::now() + args.status_interval(),
+        };
+        let params = StartupParams {
+            user: conn.user.clone(),
+            password: conn.password.clone(),
+            database: conn.dbname.clone(),
+            application_name: "factlib".to_owned(),
+            replication: true,
+        };
+        let mut startup = Startup::new(params, &mut s.out);
+        s.flush().await?;
+        loop {
+            let msg = s.recv_backend().await?;
+            let ready = startup.handle(msg, &mut s.out)?;
+            if !s.out.is_empty() {
+                s.flush().await?;
+            }
+            if let Some(r) = ready {
+                s.ready = r;
+                return Ok(s);
+            }
+        }
+    }
+
+    /// The walsender's process id.
+    pub fn backend_pid(&self) -> i32 {
+        self.ready.backend_pid
+    }
+
+    /// The server's version string.
+    pub fn server_version(&self) -> Option<&str> {
+        self.ready.server_version.as_deref()
+    }
+
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        let out = std::mem::take(&mut self.out);
+        self.out = self.writer.write_all(out).await?;
+        Ok(())
+    }
+
+    async fn recv_backend(&mut self) -> Result<Backend, SourceError> {
+        loop {
+            if let Some(m) = self.pending.pop_front() {
+                return Ok(m);
+            }
+            match self.rx.recv().await {
+                Some(Ok(batch)) => self.pending.extend(batch),
+                Some(Err(e)) => return Err(e),
+                None => return Err(SourceError::Closed),
+            }
+        }
+    }
+
+    /// Runs one replication command and returns its rows (text values).
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SourceError> {
+        let mut q = SimpleQuery::new(sql, &mut self.out);
+        self.flush().await?;
+        loop {
+            let m = self.recv_backend().await?;
+            match q.handle(m) {
+                QueryStatus::Pending => {}
+                QueryStatus::Done(rows) => return Ok(rows),
+                QueryStatus::Failed(error) => {
+                    return Err(SourceError::Server {
+                        context: sql.to_owned(),
+                        error: Box::new(error),
+                    })
+                }
+                QueryStatus::CopyBoth => {
+                    return Err(SourceError::Protocol(format!(
+                        "{sql} unexpectedly started a copy"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`.
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, SourceError> {
+        let rows = self.query("IDENTIFY_SYSTEM").await?;
+        let bad = || SourceError::Protocol("IDENTIFY_SYSTEM returned an unexpected row".to_owned());
+        let row = rows.first().filter(|r| r.len() >= 3).ok_or_else(bad)?;
+        let field = |i: usize| row.get(i).cloned().flatten();
+        Ok(SystemIdentity {
+            system_id: field(0).ok_or_else(bad)?,
+            timeline: field(1).and_then(|t| t.parse().ok()).ok_or_else(bad)?,
+            xlogpos: field(2).and_then(|l| l.parse().ok()).ok_or_else(bad)?,
+            dbname: field(3),
+        })
+    }
+
+    /// `START_REPLICATION SLOT slot LOGICAL start (options…)`; on success
+    /// the connection is in CopyBoth mode and [`Self::next`] yields messages.
+    /// `start` may be `0/0`: the server then resumes from the slot.
+    pub async fn start_logical(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, &str)],
+    ) -> Result<(), SourceError> {
+        let opts = options
+            .iter()
+            .map(|(k, v)| format!("\"{}\" '{}'", k.replace('"', "\"\""), v.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "START_REPLICATION SLOT \"{}\" LOGICAL {start} ({opts})",
+            slot.replace('"', "\"\"")
+        );
+        let mut q = SimpleQuery::new(&sql, &mut self.out);
+        self.flush().await?;
+        self.confirmed = start;
+        loop {
+            let m = self.recv_backend().await?;
+            match q.handle(m) {
+                QueryStatus::CopyBoth => {
+                    self.next_status = Instant::now() + self.status_interval;
+                    return Ok(());
+                }
+                QueryStatus::Pending => {}
+                QueryStatus::Failed(error) => {
+                    return Err(SourceError::Server {
+                        context: format!("START_REPLICATION on slot \"{slot}\""),
+                        error: Box::new(error),
+                    })
+                }
+                QueryStatus::Done(_) => {
+                    return Err(SourceError::Protocol(
+                        "START_REPLICATION ended without streaming".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The next message from the stream. Sends standby status updates when
+    /// due or asked for, while waiting.
+    pub async fn next(&mut self) -> Result<ReplicationMessage, SourceError> {
+        match self.next_inner(None).await? {
+            Some(m) => Ok(m),
+            None => Err(SourceError::Closed),
+        }
+    }
+
+    /// Like [`Self::next`], but returns `Ok(None)` as soon as `stop` holds
+    /// `true` while waiting for input. Safe to call again afterwards.
+    pub async fn next_or_stop(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<ReplicationMessage>, SourceError> {
+        self.next_inner(Some(stop)).await
+    }
+
+    async fn next_inner(
+        &mut self,
+        mut stop: Option<&mut watch::Receiver<bool>>,
+    ) -> Result<Option<ReplicationMessage>, SourceError> {
+        loop {
+            while let Some(m) = self.pending.pop_front() {
+                match m {
+                    Backend::CopyData(body) => {
+                        let msg = ReplicationMessage::parse(body)?;
+                        if let ReplicationMessage::Keepalive(k) = &msg {
+                            if k.reply_requested {
+                                self.send_status(false).await?;
+                            }
+                        }
+                        return Ok(Some(msg));
+                    }
+                    Backend::ErrorResponse(error) => {
+                        return Err(SourceError::Server {
+                            context: "replication stream".into(),
+                            error: Box::new(error),
+                        })
+                    }
+                    Backend::CopyDone => return Err(SourceError::Closed),
+                    Backend::NoticeResponse(n) => {
+                        tracing::warn!(notice = %n, "server notice on replication stream");
+                    }
+                    _ => {}
+                }
+            }
+            if Instant::now() >= self.next_status {
+                self.send_status(false).await?;
+            }
+            // Only cancel-safe futures below: a signal never interrupts a write.
+            let stopped = async {
+                match stop.as_deref_mut() {
+                    Some(s) => {
+                        let _ = s.wait_for(|v| *v).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                batch = self.rx.recv() => match batch {
+                    Some(Ok(b)) => self.pending.extend(b),
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(SourceError::Closed),
+                },
+                _ = tokio::time::sleep_until(self.next_status) => self.send_status(false).await?,
+                _ = stopped => return Ok(None),
+            }
+        }
+    }
+
+    /// Raises the confirmed (flush) position. Lower values are ignored: the
+    /// position never moves backwards. Sent with the next status update.
+    pub fn confirm(&mut self, lsn: Lsn) {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+        }
+    }
+
+    /// The confirmed position.
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
+    }
+
+    /// Sends a standby status update now with flush = the confirmed position.
+    pub async fn send_status(&mut self, reply_requested: bool) -> Result<(), SourceError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        StandbyStatusUpdate {
+            write: self.confirmed,
+            flush: self.confirmed,
+            apply: self.confirmed,
+            client_clock: unix_to_pg_micros(now),
+            reply_requested,
+        }
+        .encode(&mut self.out);
+        self.flush().await?;
+        self.next_status = Instant::now() + self.status_interval;
+        Ok(())
+    }
+
+    /// Ends the stream cleanly: sends the final status update, waits (up to
+    /// `wait`) until the server has processed it, then terminates and waits
+    /// for the server to close the connection, so the slot is free when this
+    /// returns.
+    pub async fn shutdown(mut self, wait: Duration) -> Result<(), SourceError> {
+        self.pending.clear();
+        self.send_status(true).await?;
+        let deadline = Instant::now() + wait;
+        // The server answers a requested reply with a keepalive, after it has
+        // applied our update. Data in between is beyond what we confirmed and
+        // will be sent again next time.
+        let acked = tokio::time::timeout_at(deadline, async {
+            loop {
+                match self.next().await? {
+                    ReplicationMessage::Keepalive(_) => return Ok::<_, SourceError>(()),
+                    ReplicationMessage::XLogData(_) => {}
+                }
+            }
+        })
+        .await;
+        if let Ok(Err(e)) = acked {
+            return Err(e);
+        }
+        postgres_protocol::message::frontend::copy_done(&mut self.out);
+        postgres_protocol::message::frontend::terminate(&mut self.out);
+        let _ = self.flush().await;
+        self.writer.shutdown().await;
+        let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), async {
+            while let Some(Ok(_)) = self.rx.recv().await {}
+        })
+        .await;
+        Ok(())
+    }
+}
+
+/// The transport that `--transport` resolves to here.
+pub fn effective_transport(t: Transport) -> Transport {
+    transport::resolve(t)
+}
