@@ -75,6 +75,9 @@ pub enum Command {
     Tail(TailArgs),
     /// Show the slot's position, lag and retained WAL; exits 1 if it is missing.
     Status,
+    /// Relay facts from the slot to Kafka; the slot advances only past facts
+    /// Kafka has acknowledged.
+    Relay(RelayArgs),
 }
 
 /// `factlib setup`
@@ -101,15 +104,16 @@ pub struct EmitArgs {
     /// The payload, as a string.
     #[arg(
         long,
+        env = "FACTLIB_PAYLOAD",
         conflicts_with = "payload_file",
         required_unless_present = "payload_file"
     )]
     pub payload: Option<String>,
     /// Read the payload (any bytes) from this file; `-` reads stdin.
-    #[arg(long)]
+    #[arg(long, env = "FACTLIB_PAYLOAD_FILE")]
     pub payload_file: Option<std::path::PathBuf>,
     /// Metadata entry `key=value`; repeat for more.
-    #[arg(long = "metadata", value_parser = parse_key_value)]
+    #[arg(long = "metadata", env = "FACTLIB_METADATA", value_delimiter = ',', value_parser = parse_key_value)]
     pub metadata: Vec<(String, String)>,
 }
 
@@ -125,6 +129,130 @@ pub struct TailArgs {
     /// Replication connection settings.
     #[command(flatten)]
     pub source: SourceArgs,
+}
+
+/// `factlib relay`
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "FACTLIB_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+
+    /// Topic for each fact. Placeholders: {prefix}, {aggregate_type},
+    /// {event_type}.
+    #[arg(
+        long,
+        env = "FACTLIB_TOPIC_TEMPLATE",
+        default_value = "{prefix}.{aggregate_type}"
+    )]
+    pub topic_template: String,
+
+    /// Create missing topics (the DLQ topic too) instead of stopping with an
+    /// error.
+    #[arg(long, env = "FACTLIB_CREATE_TOPICS")]
+    pub create_topics: bool,
+
+    /// Partitions for topics created by --create-topics.
+    #[arg(long, env = "FACTLIB_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=100_000))]
+    pub partitions: i32,
+
+    /// Replication factor for topics created by --create-topics.
+    #[arg(long, env = "FACTLIB_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=32))]
+    pub replication_factor: i32,
+
+    /// Record value: the whole protobuf envelope, or only the payload.
+    #[arg(long, env = "FACTLIB_VALUE", value_enum, default_value_t = crate::sink::ValueMode::Envelope)]
+    pub value: crate::sink::ValueMode,
+
+    /// Compression of Kafka batches.
+    #[arg(long, env = "FACTLIB_COMPRESSION", value_enum, default_value_t = Compression::Lz4)]
+    pub compression: Compression,
+
+    /// How long the producer waits to fill a batch (linger.ms).
+    #[arg(long, env = "FACTLIB_LINGER_MS", default_value_t = 5)]
+    pub linger_ms: u64,
+
+    /// Largest batch per partition in bytes (batch.size).
+    #[arg(long, env = "FACTLIB_BATCH_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    pub batch_bytes: u64,
+
+    /// Most messages per batch (batch.num.messages).
+    #[arg(long, env = "FACTLIB_BATCH_MESSAGES", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub batch_messages: u64,
+
+    /// Most records queued inside the producer (queue.buffering.max.messages).
+    #[arg(long, env = "FACTLIB_QUEUE_MESSAGES", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub queue_messages: u64,
+
+    /// Most KiB queued inside the producer (queue.buffering.max.kbytes);
+    /// bounds memory while Kafka is slow or away.
+    #[arg(long, env = "FACTLIB_QUEUE_KBYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=2_097_151))]
+    pub queue_kbytes: u64,
+
+    /// Extra librdkafka producer property `key=value`; repeat for more
+    /// (e.g. security.protocol=ssl).
+    #[arg(long = "producer-property", env = "FACTLIB_PRODUCER_PROPERTIES", value_delimiter = ',', value_parser = parse_key_value)]
+    pub producer_properties: Vec<(String, String)>,
+
+    /// Facts each per-partition ring holds before the reader waits.
+    #[arg(long, env = "FACTLIB_RING_CAPACITY", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(2..=16_777_216))]
+    pub ring_capacity: u64,
+
+    /// Number of rings; each (topic, partition) is pinned to one.
+    #[arg(long, env = "FACTLIB_RINGS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub rings: u64,
+
+    /// Flusher threads draining the rings into the producer.
+    #[arg(long, env = "FACTLIB_FLUSHERS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub flushers: u64,
+
+    /// Print a progress line every this many seconds (0: never).
+    #[arg(long, env = "FACTLIB_PROGRESS_INTERVAL_SECS", default_value_t = 10)]
+    pub progress_interval_secs: u64,
+
+    /// Confirm newly acknowledged positions to PostgreSQL at most this often,
+    /// in milliseconds.
+    #[arg(long, env = "FACTLIB_CONFIRM_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub confirm_interval_ms: u64,
+
+    /// On SIGTERM/SIGINT, wait at most this long for in-flight facts to be
+    /// acknowledged before exiting.
+    #[arg(long, env = "FACTLIB_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+
+    /// Longest wait between reconnection attempts, in milliseconds (the
+    /// backoff doubles from 100 ms, with jitter).
+    #[arg(long, env = "FACTLIB_MAX_BACKOFF_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub max_backoff_ms: u64,
+
+    /// Replication connection settings.
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+/// Kafka batch compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    /// LZ4: fast, the default.
+    Lz4,
+    /// Zstandard: smaller, more CPU.
+    Zstd,
+    /// Snappy.
+    Snappy,
+    /// No compression.
+    None,
+}
+
+impl Compression {
+    /// The librdkafka `compression.type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+            Compression::Snappy => "snappy",
+            Compression::None => "none",
+        }
+    }
 }
 
 /// Replication-connection tunables (shared by `tail` and `relay`).
@@ -279,6 +407,13 @@ mod tests {
                 if a.get_id() == "help" || a.get_id() == "version" {
                     continue;
                 }
+                let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+                assert!(
+                    env.as_deref().is_some_and(|e| e.starts_with("FACTLIB_")),
+                    "--{} of {} reads no FACTLIB_* variable",
+                    a.get_id(),
+                    cmd.get_name()
+                );
                 assert!(
                     a.get_help().is_some(),
                     "--{} of {} has no help",

@@ -7,6 +7,11 @@
 //! - [`pgwire`]: the sans-io replication protocol.
 //! - [`source`]: the replication connection (io_uring or tokio).
 //! - [`fact`]: the protobuf envelope.
+//! - [`route`]: topic, key → partition (Java-compatible), per-partition rings.
+//! - [`progress`]: in-flight units to the lowest fully-acked LSN.
+//! - [`sink`]: Kafka records, the rdkafka producer, flushers, dead letters.
+//! - [`relay`]: wires the stages; lifecycle, reconnects, shutdown.
+//! - [`telemetry`]: metrics and events (log + metric together).
 //! - [`emit`]: the emitter API services use.
 //! - [`config`]: the command line.
 //! - [`cli`]: the subcommands.
@@ -17,6 +22,11 @@ pub mod emit;
 pub mod fact;
 pub mod lsn;
 pub mod pgwire;
+pub mod progress;
+pub mod relay;
+pub mod route;
+pub mod sink;
 pub mod source;
+pub mod telemetry;
 
 pub use lsn::Lsn;

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
 
     let t = match &cli.command {
         Command::Tail(a) => a.source.transport,
+        Command::Relay(a) => a.source.transport,
         _ => Transport::Tokio,
     };
     let result = transport::block_on(t, factlib::cli::run(cli));

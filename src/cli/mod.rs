@@ -36,6 +36,9 @@ pub enum CliError {
     /// The replication stream failed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The relay stopped on an error.
+    #[error(transparent)]
+    Relay(#[from] crate::relay::RelayError),
     /// Emitting failed.
     #[error(transparent)]
     Emit(#[from] crate::emit::EmitError),
@@ -85,6 +88,27 @@ pub async fn connect_sql(url: &str) -> Result<tokio_postgres::Client, CliError> 
     Ok(client)
 }
 
+/// A flag that turns `true` on the first SIGTERM or SIGINT.
+pub fn spawn_signal_watch() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::task::spawn_local(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stop requested");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
 /// Runs one parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     check_name("slot", &cli.common.slot)?;
@@ -94,5 +118,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Emit(args) => emit_cmd::run(&cli.common, args).await,
         Command::Tail(args) => tail::run(&cli.common, &args).await,
         Command::Status => status::run(&cli.common).await,
+        Command::Relay(args) => {
+            let stop = spawn_signal_watch();
+            crate::relay::run(&cli.common, &args, stop).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -20,9 +20,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::watch;
 
-use super::CliError;
+use super::{spawn_signal_watch, CliError};
 use crate::config::{CommonArgs, ConnectionConfig, TailArgs};
 use crate::fact;
 use crate::lsn::Lsn;
@@ -107,25 +106,6 @@ pub fn render(lsn: Lsn, txn: Option<(u32, Lsn)>, content: Bytes) -> TailLine {
         xid: txn.map(|(x, _)| x),
         body,
     }
-}
-
-fn spawn_signal_watch() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::task::spawn_local(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        let _ = tx.send(true);
-    });
-    rx
 }
 
 /// Runs `factlib tail`.

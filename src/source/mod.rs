@@ -152,6 +152,7 @@ pub struct ReplicationStream {
     confirmed: Lsn,
     status_interval: Duration,
     next_status: Instant,
+    server_lsn: Lsn,
 }
 
 impl ReplicationStream {
@@ -189,6 +190,7 @@ impl ReplicationStream {
             confirmed: Lsn::INVALID,
             status_interval: args.status_interval(),
             next_status: Instant::now() + args.status_interval(),
+            server_lsn: Lsn::INVALID,
         };
         let params = StartupParams {
             user: conn.user.clone(),
@@ -338,12 +340,27 @@ impl ReplicationStream {
         &mut self,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<ReplicationMessage>, SourceError> {
-        self.next_inner(Some(stop)).await
+        self.next_or(async {
+            let _ = stop.wait_for(|v| *v).await;
+        })
+        .await
+    }
+
+    /// Like [`Self::next`], but returns `Ok(None)` when `interrupt`
+    /// completes while waiting for input (a stop signal, an ack wake-up, a
+    /// timer). Messages already received are returned first. The interrupt
+    /// is only polled at points where giving up loses nothing: never in the
+    /// middle of a write.
+    pub async fn next_or<F: std::future::Future<Output = ()>>(
+        &mut self,
+        interrupt: F,
+    ) -> Result<Option<ReplicationMessage>, SourceError> {
+        self.next_inner(Some(std::pin::pin!(interrupt))).await
     }
 
     async fn next_inner(
         &mut self,
-        mut stop: Option<&mut watch::Receiver<bool>>,
+        mut interrupt: Option<std::pin::Pin<&mut dyn std::future::Future<Output = ()>>>,
     ) -> Result<Option<ReplicationMessage>, SourceError> {
         loop {
             while let Some(m) = self.pending.pop_front() {
@@ -351,6 +368,7 @@ impl ReplicationStream {
                     Backend::CopyData(body) => {
                         let msg = ReplicationMessage::parse(body)?;
                         if let ReplicationMessage::Keepalive(k) = &msg {
+                            self.server_lsn = self.server_lsn.max(k.wal_end);
                             if k.reply_requested {
                                 self.send_status(false).await?;
                             }
@@ -373,12 +391,10 @@ impl ReplicationStream {
             if Instant::now() >= self.next_status {
                 self.send_status(false).await?;
             }
-            // Only cancel-safe futures below: a signal never interrupts a write.
-            let stopped = async {
-                match stop.as_deref_mut() {
-                    Some(s) => {
-                        let _ = s.wait_for(|v| *v).await;
-                    }
+            // Only cancel-safe futures below: an interrupt never cuts a write.
+            let interrupted = async {
+                match interrupt.as_mut() {
+                    Some(f) => f.as_mut().await,
                     None => std::future::pending::<()>().await,
                 }
             };
@@ -389,9 +405,23 @@ impl ReplicationStream {
                     None => return Err(SourceError::Closed),
                 },
                 _ = tokio::time::sleep_until(self.next_status) => self.send_status(false).await?,
-                _ = stopped => return Ok(None),
+                _ = interrupted => return Ok(None),
             }
         }
+    }
+
+    /// Sends a standby status update if one is due. For callers that are
+    /// busy elsewhere (e.g. waiting for ring space) and not calling `next`.
+    pub async fn keep_alive(&mut self) -> Result<(), SourceError> {
+        if Instant::now() >= self.next_status {
+            self.send_status(false).await?;
+        }
+        Ok(())
+    }
+
+    /// The highest WAL position the server has reported (keepalives).
+    pub fn server_lsn(&self) -> Lsn {
+        self.server_lsn
     }
 
     /// Raises the confirmed (flush) position. Lower values are ignored: the

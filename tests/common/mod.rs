@@ -176,3 +176,117 @@ pub async fn confirmed_flush(slot: &str) -> String {
         .unwrap()
         .get(0)
 }
+
+/// One record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Consumed {
+    /// The value of header `name`, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// Reads `topics` from the beginning until `want` records arrived (then
+/// `settle` more, to catch duplicates) or `limit` passed. Topics that do
+/// not exist yet are retried.
+pub fn consume(topics: &[String], want: usize, settle: Duration, limit: Duration) -> Vec<Consumed> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let start = std::time::Instant::now();
+    let mut assigned: Vec<String> = Vec::new();
+    let mut out = Vec::new();
+    let mut reached: Option<std::time::Instant> = None;
+    loop {
+        if assigned.len() < topics.len() {
+            for t in topics {
+                if assigned.contains(t) {
+                    continue;
+                }
+                if let Ok(md) = consumer.fetch_metadata(Some(t), Duration::from_secs(2)) {
+                    if let Some(mt) = md.topics().iter().find(|m| {
+                        m.name() == t && m.error().is_none() && !m.partitions().is_empty()
+                    }) {
+                        // Add only the new topic's partitions: re-assigning the
+                        // others would rewind them.
+                        let mut tpl = TopicPartitionList::new();
+                        for p in mt.partitions() {
+                            tpl.add_partition_offset(t, p.id(), Offset::Beginning)
+                                .unwrap();
+                        }
+                        consumer.incremental_assign(&tpl).expect("assign");
+                        assigned.push(t.clone());
+                    }
+                }
+            }
+        }
+        if let Some(r) = consumer.poll(Duration::from_millis(200)) {
+            let m = r.expect("consume");
+            out.push(Consumed {
+                topic: m.topic().to_owned(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().unwrap_or_default().to_vec(),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
+        }
+        if out.len() >= want && reached.is_none() {
+            reached = Some(std::time::Instant::now());
+        }
+        if reached.is_some_and(|r| r.elapsed() >= settle) || start.elapsed() >= limit {
+            return out;
+        }
+    }
+}
+
+/// `factlib relay` with test-friendly settings: topics created, 3
+/// partitions, fast confirms and progress lines.
+pub fn relay(slot: &str, publication: &str, prefix: &str) -> Command {
+    let mut c = factlib(slot, publication, prefix);
+    c.env("FACTLIB_BROKERS", brokers())
+        .args([
+            "relay",
+            "--create-topics",
+            "--partitions",
+            "3",
+            "--confirm-interval-ms",
+            "100",
+        ])
+        .args([
+            "--progress-interval-secs",
+            "1",
+            "--status-interval-ms",
+            "1000",
+            "--max-backoff-ms",
+            "1000",
+        ]);
+    c
+}

@@ -1,0 +1,185 @@
+//! One replication connection's worth of relaying: each pgoutput message is
+//! handed to the stage that owns it.
+//!
+//! ```text
+//!  XLogData ──pgoutput──► Begin/Commit ──► progress (units)
+//!                    └──► Message(prefix) ──fact::decode──► route (topic, partition, ring)
+//!                                                  └─► sink::record ──► rings ──► flushers
+//!                                   (undecodable or unroutable) ──► dead-letter record
+//!  Keepalive ──► progress.keepalive (only when nothing is in flight)
+//! ```
+//!
+//! **Invariants**
+//! - Every fact under our prefix gets an ack token before it is pushed, so
+//!   its unit cannot be confirmed until Kafka has it (or its dead letter).
+//! - Pushing waits while the ring is full, sending standby status updates
+//!   meanwhile so the walsender does not time us out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Opaque, RelayError, Shared};
+use crate::fact;
+use crate::lsn::Lsn;
+use crate::pgwire::pgoutput::{DecodeContext, LogicalMessage, PgOutput};
+use crate::pgwire::replication::ReplicationMessage;
+use crate::progress::Tracker;
+use crate::route::murmur2::partition_for_key;
+use crate::sink::record::{dead_letter, fact_record};
+use crate::sink::Record;
+use crate::source::ReplicationStream;
+use crate::telemetry;
+
+/// The open transaction, if any.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Txn {
+    /// Its commit LSN (Begin's final LSN), for the `factlib-lsn` header.
+    pub commit_lsn: Lsn,
+}
+
+/// Handles one message from the stream.
+pub(super) async fn handle(
+    sh: &mut Shared,
+    stream: &mut ReplicationStream,
+    tracker: &mut Tracker,
+    txn: &mut Option<Txn>,
+    msg: ReplicationMessage,
+) -> Result<(), RelayError> {
+    let x = match msg {
+        ReplicationMessage::Keepalive(k) => {
+            tracker.keepalive(k.wal_end);
+            return Ok(());
+        }
+        ReplicationMessage::XLogData(x) => x,
+    };
+    match PgOutput::decode(x.data, DecodeContext::default())
+        .map_err(crate::source::SourceError::Decode)?
+    {
+        PgOutput::Begin(b) => {
+            tracker.begin()?;
+            *txn = Some(Txn {
+                commit_lsn: b.final_lsn,
+            });
+        }
+        PgOutput::Commit(c) => {
+            tracker.commit(c.end_lsn)?;
+            *txn = None;
+        }
+        PgOutput::Message(m) => message(sh, stream, tracker, *txn, m).await?,
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn message(
+    sh: &mut Shared,
+    stream: &mut ReplicationStream,
+    tracker: &mut Tracker,
+    txn: Option<Txn>,
+    m: LogicalMessage,
+) -> Result<(), RelayError> {
+    if m.prefix[..] != *sh.prefix.as_bytes() {
+        if !m.transactional {
+            tracker.lone(m.lsn, false);
+        }
+        return Ok(());
+    }
+    let token = match (m.transactional, txn) {
+        (true, Some(_)) => tracker.fact()?,
+        (false, _) => tracker
+            .lone(m.lsn, true)
+            .ok_or(RelayError::Internal("a lone fact must get an ack token"))?,
+        (true, None) => {
+            return Err(RelayError::Internal(
+                "transactional message outside a transaction",
+            ))
+        }
+    };
+    // Transactional facts carry their commit LSN, lone ones their own.
+    let lsn = match txn {
+        Some(t) if m.transactional => t.commit_lsn,
+        _ => m.lsn,
+    };
+    let opaque = Opaque {
+        generation: sh.generation,
+        token,
+    }
+    .into_raw();
+    let rec = match fact::decode(m.content.clone()) {
+        Ok(f) => match sh
+            .template
+            .render(&sh.prefix, &f.aggregate_type, &f.event_type)
+        {
+            Ok(topic) => {
+                let info = sh.topics.get(&topic).await?;
+                let partition = partition_for_key(f.aggregate_id.as_bytes(), info.partitions);
+                let ring = ring_of(info.ring_base, partition, sh.rings.ring_count());
+                let (name, partition) = (
+                    Arc::clone(&info.name),
+                    i32::try_from(partition).unwrap_or(0),
+                );
+                (
+                    ring,
+                    fact_record(f, m.content, sh.value, lsn, name, partition, opaque),
+                )
+            }
+            Err(e) => dead(sh, m.content, &e.to_string(), lsn, opaque).await?,
+        },
+        Err(e) => dead(sh, m.content, &e.to_string(), lsn, opaque).await?,
+    };
+    push(sh, stream, rec.0, rec.1).await?;
+    telemetry::produced(1);
+    Ok(())
+}
+
+fn ring_of(base: usize, partition: u32, rings: usize) -> usize {
+    base.wrapping_add(usize::try_from(partition).unwrap_or(0)) % rings.max(1)
+}
+
+/// A dead-letter record for a fact that cannot be relayed as itself.
+async fn dead(
+    sh: &mut Shared,
+    raw: Bytes,
+    error: &str,
+    lsn: Lsn,
+    opaque: usize,
+) -> Result<(usize, Record), RelayError> {
+    let topic = crate::route::dlq_topic(&sh.prefix);
+    let info = sh.topics.get(&topic).await?;
+    let ring = ring_of(info.ring_base, 0, sh.rings.ring_count());
+    telemetry::DeadLettered {
+        topic: &topic,
+        lsn,
+        error,
+    }
+    .emit();
+    Ok((
+        ring,
+        dead_letter(raw, error, lsn, Arc::clone(&info.name), 0, opaque),
+    ))
+}
+
+/// Pushes onto a ring, waiting while it is full and keeping the replication
+/// connection alive meanwhile.
+async fn push(
+    sh: &Shared,
+    stream: &mut ReplicationStream,
+    ring: usize,
+    mut rec: Record,
+) -> Result<(), RelayError> {
+    loop {
+        match sh.rings.try_push(ring, rec) {
+            Ok(()) => return Ok(()),
+            Err(back) => rec = back,
+        }
+        if sh.rings.is_closed() {
+            return Err(RelayError::Internal("rings closed while relaying"));
+        }
+        tokio::select! {
+            _ = sh.rings.room(ring) => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => stream.keep_alive().await?,
+        }
+    }
+}

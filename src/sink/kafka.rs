@@ -1,0 +1,258 @@
+//! The rdkafka producer: configuration, topic metadata and creation, and
+//! delivery reports turned into acks.
+//!
+//! ```text
+//!  flusher thread ──Producer::send(Record)──► librdkafka (batches, lz4/zstd, idempotent)
+//!  librdkafka ──delivery report(opaque)──► Delivery channel ──► relay (progress)
+//! ```
+//!
+//! **Invariants**
+//! - `enable.idempotence=true` and `acks=all`: a record acked by Kafka is
+//!   durably in the log once, and per-partition order holds across retries.
+//! - `message.timeout.ms=0`: librdkafka retries a record until it is
+//!   delivered or fails for good, so a delivery error is a *permanent* one.
+//! - A full producer queue hands the record back to the caller; nothing is
+//!   buffered without bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam::channel::Sender;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
+use rdkafka::types::RDKafkaRespErr;
+
+use super::record::Record;
+use super::SinkError;
+
+/// Producer tunables (from the command line).
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// `compression.type`: lz4, zstd, snappy or none.
+    pub compression: String,
+    /// `linger.ms`.
+    pub linger_ms: u64,
+    /// `batch.size` in bytes.
+    pub batch_bytes: u64,
+    /// `batch.num.messages`.
+    pub batch_messages: u64,
+    /// `queue.buffering.max.messages`.
+    pub queue_messages: u64,
+    /// `queue.buffering.max.kbytes`.
+    pub queue_kbytes: u64,
+    /// Extra librdkafka properties, `key=value`.
+    pub extra: Vec<(String, String)>,
+}
+
+/// A delivery report.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Kafka acknowledged the record.
+    Acked {
+        /// Its opaque token.
+        opaque: usize,
+        /// Key + value bytes.
+        bytes: u64,
+    },
+    /// The record failed for good.
+    Failed {
+        /// Its opaque token.
+        opaque: usize,
+        /// Where it was going.
+        topic: String,
+        /// Why.
+        error: KafkaError,
+    },
+}
+
+/// Turns delivery reports into [`Delivery`] messages and wakes the relay.
+pub struct AckContext {
+    acks: Sender<Delivery>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl ClientContext for AckContext {}
+
+impl ProducerContext for AckContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let d = match result {
+            Ok(msg) => {
+                use rdkafka::Message as _;
+                let bytes = msg.payload_len() + msg.key().map_or(0, <[u8]>::len);
+                Delivery::Acked {
+                    opaque,
+                    bytes: u64::try_from(bytes).unwrap_or(0),
+                }
+            }
+            Err((error, msg)) => {
+                use rdkafka::Message as _;
+                Delivery::Failed {
+                    opaque,
+                    topic: msg.topic().to_owned(),
+                    error: error.clone(),
+                }
+            }
+        };
+        // The receiver only goes away when the relay is exiting.
+        let _ = self.acks.send(d);
+        self.wake.notify_one();
+    }
+}
+
+/// The producer shared by the flusher threads.
+#[derive(Clone)]
+pub struct KafkaProducer {
+    producer: ThreadedProducer<AckContext>,
+    config: ClientConfig,
+}
+
+/// What `send` did with a record.
+pub enum SendOutcome {
+    /// Queued in librdkafka; a delivery report will follow.
+    Queued,
+    /// The producer queue is full: try again shortly with the same record.
+    Full(Record),
+}
+
+impl KafkaProducer {
+    /// Builds the producer. Acks go to `acks`; `wake` is notified after each.
+    pub fn new(
+        cfg: &ProducerConfig,
+        acks: Sender<Delivery>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Result<Self, SinkError> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &cfg.brokers)
+            .set("client.id", "factlib")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &cfg.compression)
+            .set("linger.ms", cfg.linger_ms.to_string())
+            .set("batch.size", cfg.batch_bytes.to_string())
+            .set("batch.num.messages", cfg.batch_messages.to_string())
+            .set(
+                "queue.buffering.max.messages",
+                cfg.queue_messages.to_string(),
+            )
+            .set("queue.buffering.max.kbytes", cfg.queue_kbytes.to_string())
+            .set("message.timeout.ms", "0")
+            .set("topic.metadata.refresh.interval.ms", "30000");
+        for (k, v) in &cfg.extra {
+            c.set(k, v);
+        }
+        let producer = c
+            .create_with_context(AckContext { acks, wake })
+            .map_err(SinkError::Config)?;
+        Ok(KafkaProducer {
+            producer,
+            config: c,
+        })
+    }
+
+    /// Hands a record to librdkafka. Never blocks. An error is permanent
+    /// for this record (e.g. larger than `message.max.bytes`).
+    // The record comes back by value so a full queue costs no allocation.
+    #[allow(clippy::result_large_err)]
+    pub fn send(&self, mut rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
+        let headers = rec.headers.take();
+        let (result, headers) = {
+            let mut base = BaseRecord::with_opaque_to(&rec.topic, rec.opaque)
+                .payload(&rec.value[..])
+                .partition(rec.partition);
+            base.headers = headers;
+            if let Some(k) = &rec.key {
+                base = base.key(&k[..]);
+            }
+            match self.producer.send(base) {
+                Ok(()) => (Ok(()), None),
+                Err((e, mut back)) => (Err(e), back.headers.take()),
+            }
+        };
+        match result {
+            Ok(()) => Ok(SendOutcome::Queued),
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                rec.headers = headers;
+                Ok(SendOutcome::Full(rec))
+            }
+            Err(e) => {
+                rec.headers = headers;
+                Err((e, rec))
+            }
+        }
+    }
+
+    /// Records queued in librdkafka and not yet reported.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+
+    /// Waits up to `timeout` for every queued record to be reported.
+    pub fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
+        self.producer.flush(timeout).map_err(SinkError::Flush)
+    }
+
+    /// The partition count of `topic`. Blocks up to `timeout`.
+    pub fn partitions(&self, topic: &str, timeout: Duration) -> Result<Option<u32>, SinkError> {
+        let md = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|source| SinkError::Metadata {
+                topic: topic.to_owned(),
+                source,
+            })?;
+        let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+            return Ok(None);
+        };
+        match t.error() {
+            None => Ok(u32::try_from(t.partitions().len()).ok().filter(|n| *n > 0)),
+            Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => Ok(None),
+            Some(e) => Err(SinkError::Metadata {
+                topic: topic.to_owned(),
+                source: KafkaError::MetadataFetch(e.into()),
+            }),
+        }
+    }
+
+    /// Creates `topic`; an already existing topic is fine.
+    pub async fn create_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication: i32,
+    ) -> Result<(), SinkError> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.config.create().map_err(SinkError::Config)?;
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results =
+            admin
+                .create_topics([&new], &opts)
+                .await
+                .map_err(|source| SinkError::CreateTopic {
+                    topic: topic.to_owned(),
+                    source,
+                })?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(SinkError::CreateTopic {
+                        topic: topic.to_owned(),
+                        source: KafkaError::AdminOp(code),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,80 @@
+//! The Kafka side: records, the rdkafka producer, flusher threads that drain
+//! the per-partition rings, and the dead-letter records.
+//!
+//! ```text
+//!  rings[p] ──flusher k (p % flushers == k)──► Producer::send ──► librdkafka ──► Kafka
+//!                                                   └─ delivery report ──► Delivery ──► relay
+//! ```
+//!
+//! The sink does not track LSNs: every record carries an opaque ack token,
+//! and the relay maps reports back to positions.
+//!
+//! **Invariants**
+//! - A record is either queued in librdkafka or still held by its flusher;
+//!   a full queue makes the flusher wait, which fills the rings, which stops
+//!   the WAL reader (backpressure end to end).
+//! - Each ring is drained by one flusher thread, in order, so records of one
+//!   partition reach librdkafka in commit order.
+//! - A record that cannot be sent is reported as [`Delivery::Failed`]; it is
+//!   never dropped silently.
+
+pub mod flusher;
+pub mod kafka;
+pub mod record;
+pub mod topics;
+
+pub use kafka::{Delivery, KafkaProducer, ProducerConfig};
+pub use record::{Record, ValueMode};
+
+use rdkafka::error::KafkaError;
+
+/// Why the Kafka side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The producer configuration is invalid.
+    #[error("invalid Kafka producer configuration: {0}")]
+    Config(#[source] KafkaError),
+    /// Could not read topic metadata (broker unreachable?).
+    #[error(
+        "cannot read metadata for topic {topic:?}: {source}; is Kafka reachable at --brokers?"
+    )]
+    Metadata {
+        /// The topic.
+        topic: String,
+        /// The error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The topic does not exist and `--create-topics` is off.
+    #[error("Kafka topic {0:?} does not exist; create it, or run the relay with --create-topics (and --partitions / --replication-factor)")]
+    TopicMissing(String),
+    /// Creating a topic failed.
+    #[error("cannot create Kafka topic {topic:?}: {source}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// The error.
+        #[source]
+        source: KafkaError,
+    },
+    /// librdkafka refused or failed a record for good.
+    #[error("producing to Kafka topic {topic:?} failed permanently: {source}")]
+    Produce {
+        /// The topic.
+        topic: String,
+        /// The error.
+        #[source]
+        source: KafkaError,
+    },
+    /// Flushing timed out or failed.
+    #[error("flushing the Kafka producer failed: {0}")]
+    Flush(#[source] KafkaError),
+}
+
+impl SinkError {
+    /// True if retrying later may succeed (metadata while the broker is
+    /// away); false for errors that need someone to change something.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Metadata { .. } | SinkError::Flush(_))
+    }
+}

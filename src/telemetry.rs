@@ -1,0 +1,184 @@
+//! Metrics and events: each event is one struct whose `emit()` writes the
+//! log line and updates the metric together.
+//!
+//! ```text
+//!  relay/source/sink ──Event::emit()──► tracing (stderr) + METRICS counters
+//!  relay ──ProgressLine::emit()──► one line every --progress-interval-secs
+//! ```
+//!
+//! **Invariants**
+//! - Telemetry never changes behaviour: no event can fail or block.
+//! - Counter names are constants ending in `_total`; label values come from
+//!   bounded sets.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::lsn::Lsn;
+
+/// Process-wide counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Facts handed to the producer.
+    pub facts_produced_total: AtomicU64,
+    /// Facts acknowledged by Kafka.
+    pub facts_acked_total: AtomicU64,
+    /// Bytes (key + value + headers) acknowledged by Kafka.
+    pub bytes_acked_total: AtomicU64,
+    /// Records written to the dead-letter topic.
+    pub dead_letters_total: AtomicU64,
+    /// Replication connections established.
+    pub connections_total: AtomicU64,
+    /// Replication connections lost or refused (then retried).
+    pub disconnects_total: AtomicU64,
+    /// Standby status updates that raised the confirmed position.
+    pub confirms_total: AtomicU64,
+}
+
+/// The counters.
+pub static METRICS: Metrics = Metrics {
+    facts_produced_total: AtomicU64::new(0),
+    facts_acked_total: AtomicU64::new(0),
+    bytes_acked_total: AtomicU64::new(0),
+    dead_letters_total: AtomicU64::new(0),
+    connections_total: AtomicU64::new(0),
+    disconnects_total: AtomicU64::new(0),
+    confirms_total: AtomicU64::new(0),
+};
+
+/// Metric names, as exported.
+pub mod names {
+    /// See [`super::Metrics::facts_produced_total`].
+    pub const FACTS_PRODUCED: &str = "factlib_facts_produced_total";
+    /// See [`super::Metrics::facts_acked_total`].
+    pub const FACTS_ACKED: &str = "factlib_facts_acked_total";
+    /// See [`super::Metrics::dead_letters_total`].
+    pub const DEAD_LETTERS: &str = "factlib_dead_letters_total";
+    /// See [`super::Metrics::connections_total`].
+    pub const CONNECTIONS: &str = "factlib_connections_total";
+    /// See [`super::Metrics::disconnects_total`].
+    pub const DISCONNECTS: &str = "factlib_disconnects_total";
+}
+
+fn inc(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Connected to PostgreSQL and streaming.
+pub struct Connected<'a> {
+    /// Slot name.
+    pub slot: &'a str,
+    /// Walsender PID.
+    pub backend_pid: i32,
+    /// Where streaming starts.
+    pub start: Lsn,
+    /// Transport in use.
+    pub transport: &'a str,
+}
+
+impl Connected<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        inc(&METRICS.connections_total, 1);
+        tracing::info!(slot = self.slot, backend_pid = self.backend_pid, start = %self.start, transport = self.transport, "streaming from slot");
+    }
+}
+
+/// The replication connection failed; the relay will retry.
+pub struct Disconnected<'a, E: std::fmt::Display> {
+    /// Why.
+    pub error: &'a E,
+    /// Wait before the next attempt.
+    pub retry_in: std::time::Duration,
+}
+
+impl<E: std::fmt::Display> Disconnected<'_, E> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        inc(&METRICS.disconnects_total, 1);
+        tracing::warn!(error = %self.error, retry_in_ms = u64::try_from(self.retry_in.as_millis()).unwrap_or(u64::MAX), "replication connection failed; retrying");
+    }
+}
+
+/// A fact could not be decoded or routed and goes to the dead-letter topic.
+pub struct DeadLettered<'a> {
+    /// The DLQ topic.
+    pub topic: &'a str,
+    /// The message LSN.
+    pub lsn: Lsn,
+    /// Why.
+    pub error: &'a str,
+}
+
+impl DeadLettered<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        inc(&METRICS.dead_letters_total, 1);
+        tracing::warn!(topic = self.topic, lsn = %self.lsn, error = self.error, "fact sent to the dead-letter topic");
+    }
+}
+
+/// Facts handed to the producer.
+pub fn produced(n: u64) {
+    inc(&METRICS.facts_produced_total, n);
+}
+
+/// Facts acknowledged by Kafka.
+pub fn acked(facts: u64, bytes: u64) {
+    inc(&METRICS.facts_acked_total, facts);
+    inc(&METRICS.bytes_acked_total, bytes);
+}
+
+/// The confirmed position moved.
+pub fn confirmed() {
+    inc(&METRICS.confirms_total, 1);
+}
+
+/// Computes the periodic progress line from the counters.
+#[derive(Debug)]
+pub struct ProgressReporter {
+    last: std::time::Instant,
+    last_facts: u64,
+    last_bytes: u64,
+}
+
+impl Default for ProgressReporter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProgressReporter {
+    /// Starts measuring now.
+    pub fn new() -> Self {
+        ProgressReporter {
+            last: std::time::Instant::now(),
+            last_facts: METRICS.facts_acked_total.load(Ordering::Relaxed),
+            last_bytes: METRICS.bytes_acked_total.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Logs one progress line: rates since the last call, facts in flight,
+    /// the acknowledged (confirmed) LSN and the lag behind the server.
+    pub fn emit(&mut self, in_flight: usize, acked: Lsn, server: Lsn) {
+        let now = std::time::Instant::now();
+        let secs = now.duration_since(self.last).as_secs_f64().max(1e-3);
+        let facts = METRICS.facts_acked_total.load(Ordering::Relaxed);
+        let bytes = METRICS.bytes_acked_total.load(Ordering::Relaxed);
+        let fps = (facts - self.last_facts) as f64 / secs;
+        let mbps = (bytes - self.last_bytes) as f64 / secs / 1e6;
+        let lag = server.checked_sub(acked).unwrap_or(0);
+        tracing::info!(
+            facts_per_s = format_args!("{fps:.0}"),
+            mb_per_s = format_args!("{mbps:.2}"),
+            in_flight,
+            acked_lsn = %acked,
+            lag_bytes = lag,
+            total_acked = facts,
+            dead_letters = METRICS.dead_letters_total.load(Ordering::Relaxed),
+            "progress"
+        );
+        self.last = now;
+        self.last_facts = facts;
+        self.last_bytes = bytes;
+    }
+}

@@ -1,0 +1,493 @@
+//! Integration tests of `factlib relay` against the real PostgreSQL and the
+//! real Kafka broker started by `tests/env/up`: exactness, order, headers,
+//! restarts, crashes, dead letters, idle slots and a busy slot.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use factlib::emit::{emit, NewFact};
+use factlib::fact::TraceInfo;
+use factlib::Lsn;
+
+/// A committed fact as the test wrote it, in commit order.
+#[derive(Debug, Clone)]
+struct Written {
+    id: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    payload: Vec<u8>,
+}
+
+fn fact(agg_type: &str, agg: &str, n: usize, traced: bool) -> NewFact {
+    NewFact {
+        aggregate_type: agg_type.into(),
+        aggregate_id: agg.into(),
+        event_type: format!("{agg_type}.changed"),
+        payload: Bytes::from(format!("{{\"n\":{n}}}")),
+        metadata: BTreeMap::from([("seq".to_owned(), n.to_string())]),
+        trace_info: traced.then(|| TraceInfo {
+            trace_id: format!("{:032x}", n + 1),
+            span_id: format!("{:016x}", n + 1),
+            metadata: BTreeMap::new(),
+        }),
+    }
+}
+
+/// Emits `txns` committed transactions of `per` facts each, plus a
+/// rolled-back transaction and an other-prefix message every 10th, and
+/// returns what was committed, in commit order.
+async fn emit_facts(prefix: &str, txns: usize, per: usize, offset: usize) -> Vec<Written> {
+    let mut c = sql().await;
+    let mut out = Vec::with_capacity(txns * per);
+    for t in 0..txns {
+        let n0 = (offset + t) * per;
+        if t % 10 == 3 {
+            let tx = c.transaction().await.unwrap();
+            emit(&tx, prefix, fact("order", "rolled-back", n0, false))
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+        }
+        let tx = c.transaction().await.unwrap();
+        let mut batch = Vec::new();
+        for i in 0..per {
+            let n = n0 + i;
+            let agg_type = if n % 3 == 0 { "invoice" } else { "order" };
+            let agg = format!("a{}", n % 37);
+            let (f, _) = emit(&tx, prefix, fact(agg_type, &agg, n, n % 2 == 0))
+                .await
+                .unwrap();
+            batch.push(Written {
+                id: f.id,
+                aggregate_type: agg_type.into(),
+                aggregate_id: agg,
+                payload: f.payload.to_vec(),
+            });
+        }
+        if t % 10 == 7 {
+            emit(&tx, "not-ours", fact("order", "x", 0, false))
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+        out.extend(batch);
+    }
+    out
+}
+
+fn topics(prefix: &str) -> Vec<String> {
+    vec![format!("{prefix}.order"), format!("{prefix}.invoice")]
+}
+
+/// Checks that `got` holds every written fact (at least once), with the
+/// right topic, key, partition, value and headers, and that per aggregate
+/// the first occurrences come in commit order. Returns the duplicate count.
+fn check_delivery(written: &[Written], got: &[Consumed], partitions: u32) -> usize {
+    let index: HashMap<&str, usize> = written
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.id.as_str(), i))
+        .collect();
+    let mut seen = HashSet::new();
+    let mut dups = 0;
+    let mut last_per_key: HashMap<(String, Vec<u8>), usize> = HashMap::new();
+    let mut sorted: Vec<&Consumed> = got.iter().collect();
+    sorted.sort_by_key(|c| (c.topic.clone(), c.partition, c.offset));
+    for c in sorted {
+        let id = c.header("factlib-id").expect("factlib-id header");
+        let &i = index
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("unexpected fact {id} in {}", c.topic));
+        let w = &written[i];
+        assert!(
+            c.topic.ends_with(&format!(".{}", w.aggregate_type)),
+            "{id} on {}",
+            c.topic
+        );
+        assert_eq!(
+            c.key.as_deref(),
+            Some(w.aggregate_id.as_bytes()),
+            "key of {id}"
+        );
+        assert_eq!(
+            u32::try_from(c.partition).unwrap(),
+            factlib::route::murmur2::partition_for_key(w.aggregate_id.as_bytes(), partitions),
+            "{id}: partition must be the Java producer's"
+        );
+        let decoded =
+            factlib::fact::decode(Bytes::from(c.value.clone())).expect("value is the envelope");
+        assert_eq!(decoded.id, w.id);
+        assert_eq!(decoded.payload.to_vec(), w.payload);
+        assert_eq!(
+            c.header("factlib-event-type").unwrap(),
+            format!("{}.changed", w.aggregate_type)
+        );
+        assert_eq!(
+            c.header("factlib-aggregate-type").unwrap(),
+            w.aggregate_type
+        );
+        let lsn: Lsn = c
+            .header("factlib-lsn")
+            .unwrap()
+            .parse()
+            .expect("factlib-lsn is X/Y");
+        assert!(!lsn.is_invalid());
+        assert_eq!(
+            c.header("seq"),
+            decoded.metadata.get("seq").cloned(),
+            "metadata header"
+        );
+        if decoded.trace_info.is_some() {
+            let tp = c
+                .header("traceparent")
+                .expect("traceparent for traced facts");
+            assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
+        }
+        if !seen.insert(i) {
+            dups += 1;
+            continue;
+        }
+        // First deliveries of one key come in commit order.
+        let agg = (c.topic.clone(), c.key.clone().unwrap());
+        if let Some(&prev) = last_per_key.get(&agg) {
+            assert!(
+                prev < i,
+                "aggregate {} out of commit order: fact #{i} after #{prev}",
+                w.aggregate_id
+            );
+        }
+        last_per_key.insert(agg, i);
+    }
+    let missing: Vec<_> = (0..written.len())
+        .filter(|i| !seen.contains(i))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} facts, e.g. {:?}",
+        written.len() - seen.len(),
+        missing.iter().map(|&i| &written[i].id).collect::<Vec<_>>()
+    );
+    dups
+}
+
+async fn stop(child: tokio::process::Child) -> std::process::Output {
+    signal(&child, "TERM").await;
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("relay exits after SIGTERM")
+        .unwrap()
+}
+
+/// Where the next WAL record will be inserted (everything written so far
+/// ends at or before it).
+async fn current_wal_lsn() -> Lsn {
+    let s: String = sql()
+        .await
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    s.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_exactly_the_committed_facts_with_keys_headers_and_order() {
+    let (slot, publication) = (unique("rx"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let written = emit_facts(&prefix, 1_000, 10, 0).await;
+    assert_eq!(written.len(), 10_000);
+    let end = current_wal_lsn().await;
+
+    let child = spawn(relay(&slot, &publication, &prefix));
+    let t = topics(&prefix);
+    let got = tokio::task::spawn_blocking(move || {
+        consume(&t, 10_000, Duration::from_secs(3), Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    // Give the final confirmation a moment, then stop.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = stop(child).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "relay exit: {}\n{stderr}", out.status);
+    assert_eq!(got.len(), 10_000, "exactly the 10,000 committed facts");
+    assert_eq!(check_delivery(&written, &got, 3), 0, "no duplicates");
+    assert!(
+        stderr.contains("progress"),
+        "progress lines are printed:\n{stderr}"
+    );
+
+    let confirmed: Lsn = confirmed_flush(&slot).await.parse().unwrap();
+    assert!(
+        confirmed >= end,
+        "the slot advanced past every relayed fact: {confirmed} < {end}"
+    );
+    teardown(&slot, &publication).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
+    let (slot, publication) = (unique("rterm"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let emitter = tokio::spawn({
+        let prefix = prefix.clone();
+        async move {
+            let mut all = Vec::new();
+            for round in 0..30 {
+                all.extend(emit_facts(&prefix, 10, 10, round * 10).await);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            all
+        }
+    });
+    let first = spawn(relay(&slot, &publication, &prefix));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = stop(first).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let second = spawn(relay(&slot, &publication, &prefix));
+    let written = emitter.await.unwrap();
+    let t = topics(&prefix);
+    let n = written.len();
+    let got = tokio::task::spawn_blocking(move || {
+        consume(&t, n, Duration::from_secs(3), Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    let out = stop(second).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        check_delivery(&written, &got, 3),
+        0,
+        "a graceful restart repeats nothing"
+    );
+    assert_eq!(got.len(), written.len());
+    teardown(&slot, &publication).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_ten_points_loses_nothing() {
+    let (slot, publication) = (unique("rkill"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let emitter = tokio::spawn({
+        let prefix = prefix.clone();
+        async move {
+            let mut all = Vec::new();
+            for round in 0..40 {
+                all.extend(emit_facts(&prefix, 10, 10, round * 10).await);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            all
+        }
+    });
+    // Pseudo-random kill points (fixed seed: reproducible), 150..750 ms apart.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for _ in 0..10 {
+        let child = spawn(relay(&slot, &publication, &prefix));
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        tokio::time::sleep(Duration::from_millis(150 + x % 600)).await;
+        signal(&child, "KILL").await;
+        let _ = child.wait_with_output().await;
+    }
+    let last = spawn(relay(&slot, &publication, &prefix));
+    let written = emitter.await.unwrap();
+    let t = topics(&prefix);
+    let n = written.len();
+    let got = tokio::task::spawn_blocking(move || {
+        consume(&t, n, Duration::from_secs(3), Duration::from_secs(180))
+    })
+    .await
+    .unwrap();
+    let out = stop(last).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dups = check_delivery(&written, &got, 3);
+    println!("crash test: {} facts written, {} records read, {dups} duplicates after 10 x kill -9 (at-least-once)", written.len(), got.len());
+    teardown(&slot, &publication).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_envelope_goes_to_the_dlq_and_later_facts_flow() {
+    let (slot, publication) = (unique("rdlq"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let before = emit_facts(&prefix, 5, 2, 0).await;
+    let bad: &[u8] = b"\xff\xfe not a protobuf envelope";
+    sql()
+        .await
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)",
+            &[&prefix, &bad],
+        )
+        .await
+        .unwrap();
+    let after = emit_facts(&prefix, 5, 2, 5).await;
+    let child = spawn(relay(&slot, &publication, &prefix));
+    let mut want_topics = topics(&prefix);
+    want_topics.push(format!("{prefix}.dlq"));
+    let got = tokio::task::spawn_blocking(move || {
+        consume(
+            &want_topics,
+            21,
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    let out = stop(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (dlq, facts): (Vec<_>, Vec<_>) = got.into_iter().partition(|c| c.topic.ends_with(".dlq"));
+    assert_eq!(dlq.len(), 1, "one dead letter");
+    assert_eq!(dlq[0].value, bad, "the raw bytes");
+    assert!(
+        dlq[0].header("factlib-error").unwrap().contains("envelope"),
+        "{:?}",
+        dlq[0].header("factlib-error")
+    );
+    assert!(dlq[0].header("factlib-lsn").unwrap().parse::<Lsn>().is_ok());
+    let written: Vec<_> = before.into_iter().chain(after).collect();
+    assert_eq!(check_delivery(&written, &facts, 3), 0);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dead-letter"));
+    teardown(&slot, &publication).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slot_advances_on_wal_outside_the_publication() {
+    let (slot, publication) = (unique("ridle"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let c = sql().await;
+    let table = unique("idle_t");
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id serial primary key, v text)"
+    ))
+    .await
+    .unwrap();
+    let child = spawn(relay(&slot, &publication, &prefix));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..20 {
+        c.batch_execute(&format!(
+            "INSERT INTO {table} (v) SELECT md5(g::text) FROM generate_series(1, 500) g"
+        ))
+        .await
+        .unwrap();
+    }
+    let target = current_wal_lsn().await;
+    let mut confirmed: Lsn = confirmed_flush(&slot).await.parse().unwrap();
+    for _ in 0..100 {
+        if confirmed >= target {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        confirmed = confirmed_flush(&slot).await.parse().unwrap();
+    }
+    let out = stop(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        confirmed >= target,
+        "idle slot must advance: confirmed {confirmed} < {target}"
+    );
+    c.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+    teardown(&slot, &publication).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_relay_on_a_busy_slot_reports_and_retries() {
+    let (slot, publication) = (unique("rbusy"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let first = spawn(relay(&slot, &publication, &prefix));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut second = spawn(relay(&slot, &publication, &prefix));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        second.try_wait().unwrap().is_none(),
+        "the second relay keeps retrying, it does not exit"
+    );
+    let out2 = stop(second).await;
+    let err2 = String::from_utf8_lossy(&out2.stderr);
+    assert!(out2.status.success(), "{err2}");
+    assert!(
+        err2.contains("is active for PID"),
+        "clear slot-in-use error:\n{err2}"
+    );
+    assert!(
+        err2.matches("retrying").count() >= 2,
+        "it retries, visibly:\n{err2}"
+    );
+    let out1 = stop(first).await;
+    assert!(
+        out1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out1.stderr)
+    );
+    teardown(&slot, &publication).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_produce_error_stops_without_confirming_past_the_fact() {
+    let (slot, publication) = (unique("rperm"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let small = emit_facts(&prefix, 3, 1, 0).await;
+    let mut c = sql().await;
+    let tx = c.transaction().await.unwrap();
+    let mut big = fact("order", "big", 999, false);
+    big.payload = Bytes::from(vec![b'x'; 20_000]);
+    let (_, big_lsn) = emit(&tx, &prefix, big).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut cmd = relay(&slot, &publication, &prefix);
+    cmd.args(["--producer-property", "message.max.bytes=10000"]);
+    let r = run(cmd, Duration::from_secs(60)).await;
+    assert_ne!(r.code, 0, "a permanent produce error stops the relay");
+    assert!(
+        r.stderr.contains("refused a fact for good") || r.stderr.contains("failed permanently"),
+        "{}",
+        r.stderr
+    );
+    let confirmed: Lsn = confirmed_flush(&slot).await.parse().unwrap();
+    assert!(
+        confirmed < big_lsn,
+        "slot confirmed past the failed fact: {confirmed} >= {big_lsn}"
+    );
+    let t = topics(&prefix);
+    let got = tokio::task::spawn_blocking(move || {
+        consume(&t, 3, Duration::from_secs(1), Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    check_delivery(&small, &got, 3);
+    teardown(&slot, &publication).await;
+}

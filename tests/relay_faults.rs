@@ -1,0 +1,264 @@
+//! Fault tests of `factlib relay` that stop shared servers: a Kafka outage
+//! and a PostgreSQL restart. They run one at a time (a lock), in their own
+//! test binary, so no other test sees the outage.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use factlib::emit::{emit, NewFact};
+use factlib::Lsn;
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn env_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/env")
+}
+
+fn new_fact(i: usize) -> NewFact {
+    NewFact {
+        aggregate_type: "order".into(),
+        aggregate_id: format!("a{}", i % 11),
+        event_type: "order.changed".into(),
+        payload: Bytes::from(format!("{{\"i\":{i}}}")),
+        ..Default::default()
+    }
+}
+
+/// Emits `txns` transactions of `per` facts; returns the ids in commit order.
+async fn emit_ids(prefix: &str, txns: usize, per: usize, offset: usize) -> Vec<String> {
+    let mut c = sql().await;
+    let mut ids = Vec::new();
+    for t in 0..txns {
+        let tx = c.transaction().await.unwrap();
+        for i in 0..per {
+            ids.push(
+                emit(&tx, prefix, new_fact(offset + t * per + i))
+                    .await
+                    .unwrap()
+                    .0
+                    .id,
+            );
+        }
+        tx.commit().await.unwrap();
+    }
+    ids
+}
+
+fn read_ids(topic: String, want: usize, limit: Duration) -> Vec<String> {
+    consume(&[topic], want, Duration::from_secs(2), limit)
+        .into_iter()
+        .map(|c| c.header("factlib-id").expect("factlib-id"))
+        .collect()
+}
+
+/// Checks every id arrived; returns how many arrived more than once.
+fn check_all(ids: &[String], got: &[String]) -> usize {
+    let set: std::collections::HashSet<_> = got.iter().collect();
+    let missing = ids.iter().filter(|i| !set.contains(i)).count();
+    assert_eq!(missing, 0, "{missing} of {} facts lost", ids.len());
+    got.len() - set.len()
+}
+
+async fn insert_lsn() -> Lsn {
+    let s: String = sql()
+        .await
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    s.parse().unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn stop_kafka() {
+    let pid_file = env_root().join("kafka/kafka.pid");
+    let pid = std::fs::read_to_string(&pid_file)
+        .expect("kafka.pid")
+        .trim()
+        .to_owned();
+    let st = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(st.success());
+    for _ in 0..300 {
+        if !PathBuf::from(format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("kafka did not stop");
+}
+
+async fn start_env() {
+    let up = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/env/up");
+    let out = tokio::process::Command::new(up).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "tests/env/up: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_outage_holds_the_slot_and_bounds_memory_then_delivers_everything() {
+    let _serial = SERIAL.lock().await;
+    let (slot, publication) = (unique("fkafka"), unique("pub"));
+    let prefix = format!("p{slot}");
+    let topic = format!("{prefix}.order");
+    setup(&slot, &publication).await;
+    let mut cmd = relay(&slot, &publication, &prefix);
+    // Small buffers, so the outage exercises backpressure into the WAL reader.
+    cmd.args([
+        "--rings",
+        "2",
+        "--ring-capacity",
+        "16",
+        "--queue-messages",
+        "200",
+    ]);
+    let mut child = spawn(cmd);
+    let pid = child.id().unwrap();
+
+    let before = emit_ids(&prefix, 10, 10, 0).await;
+    let t = topic.clone();
+    let got = tokio::task::spawn_blocking(move || read_ids(t, 100, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    check_all(&before, &got);
+
+    stop_kafka().await;
+    let outage_start = insert_lsn().await;
+    let during = emit_ids(&prefix, 200, 10, 100).await;
+    let mut highest = Lsn::INVALID;
+    let mut peak_rss = 0;
+    for _ in 0..25 {
+        let c: Lsn = confirmed_flush(&slot).await.parse().unwrap();
+        highest = highest.max(c);
+        peak_rss = peak_rss.max(rss_kib(pid));
+        assert!(
+            c <= outage_start,
+            "confirmed {c} passed the first unacknowledged fact (after {outage_start})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the relay keeps running while Kafka is away"
+    );
+    println!("kafka outage: 2,000 facts held back; confirmed stayed at {highest} <= {outage_start}; relay peak RSS {} MiB", peak_rss / 1024);
+
+    start_env().await;
+    let all: Vec<String> = before.iter().chain(&during).cloned().collect();
+    let n = all.len();
+    let t = topic.clone();
+    let got = tokio::task::spawn_blocking(move || read_ids(t, n, Duration::from_secs(120)))
+        .await
+        .unwrap();
+    let dups = check_all(&all, &got);
+    println!("kafka outage: all {n} facts delivered after the restart, {dups} duplicates");
+    let end = insert_lsn().await;
+    let mut confirmed: Lsn = confirmed_flush(&slot).await.parse().unwrap();
+    for _ in 0..100 {
+        if confirmed >= end {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        confirmed = confirmed_flush(&slot).await.parse().unwrap();
+    }
+    assert!(
+        confirmed >= end,
+        "the slot advances once Kafka is back: {confirmed} < {end}"
+    );
+    signal(&child, "TERM").await;
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    teardown(&slot, &publication).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_mid_stream_reconnects_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (slot, publication) = (unique("fpg"), unique("pub"));
+    let prefix = format!("p{slot}");
+    let topic = format!("{prefix}.order");
+    setup(&slot, &publication).await;
+    let first = emit_ids(&prefix, 300, 10, 0).await;
+    let child = spawn(relay(&slot, &publication, &prefix));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // Restart the server under the relay (as the cluster owner).
+    let data = env_root().join("pg/data");
+    let pg_bin =
+        std::env::var("FACTLIB_ENV_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let as_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        .starts_with(b"0\n");
+    let mut restart = if as_root {
+        let mut c = tokio::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"])
+            .arg(format!("{pg_bin}/pg_ctl"));
+        c
+    } else {
+        tokio::process::Command::new(format!("{pg_bin}/pg_ctl"))
+    };
+    restart
+        .args(["restart", "-m", "fast", "-w", "-D"])
+        .arg(&data)
+        .arg("-l")
+        .arg(env_root().join("pg/log"));
+    let st = restart.output().await.unwrap();
+    assert!(
+        st.status.success(),
+        "pg_ctl restart: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+
+    let second = emit_ids(&prefix, 50, 10, 3_000).await;
+    let all: Vec<String> = first.iter().chain(&second).cloned().collect();
+    let n = all.len();
+    let got = tokio::task::spawn_blocking(move || read_ids(topic, n, Duration::from_secs(120)))
+        .await
+        .unwrap();
+    let dups = check_all(&all, &got);
+    println!("postgres restart: all {n} facts delivered, {dups} duplicates");
+    signal(&child, "TERM").await;
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("retrying"),
+        "the relay saw the restart and reconnected:\n{stderr}"
+    );
+    assert!(
+        stderr.matches("streaming from slot").count() >= 2,
+        "{stderr}"
+    );
+    teardown(&slot, &publication).await;
+}
