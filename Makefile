@@ -1,5 +1,5 @@
 # The README's commands. Everything installs and starts what it needs.
-## make demo: start PostgreSQL + Kafka, set up a slot, emit facts and tail them back, verified.
+## make demo: PostgreSQL + Kafka up, relay + load generator running, topics read back and verified.
 .PHONY: demo test env-up env-down build release fuzz
 
 demo:

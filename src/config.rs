@@ -78,6 +78,79 @@ pub enum Command {
     /// Relay facts from the slot to Kafka; the slot advances only past facts
     /// Kafka has acknowledged.
     Relay(RelayArgs),
+    /// Load generation and end-to-end verification.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `factlib bench …`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Emit facts in real transactions at a steady rate, with rolled-back
+    /// transactions mixed in; optionally record the committed ones.
+    Emit(BenchEmitArgs),
+    /// Read the topics back and check every fact in a manifest arrived once,
+    /// exactly as written.
+    Verify(BenchVerifyArgs),
+}
+
+/// `factlib bench emit`
+#[derive(Debug, Args)]
+pub struct BenchEmitArgs {
+    /// Target facts per second.
+    #[arg(long, env = "FACTLIB_BENCH_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: u64,
+    /// How long to emit, in seconds.
+    #[arg(long, env = "FACTLIB_BENCH_DURATION_SECS", default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Facts per transaction.
+    #[arg(long, env = "FACTLIB_BENCH_TXN_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub txn_size: u64,
+    /// Roll back every Nth transaction (0: never).
+    #[arg(long, env = "FACTLIB_BENCH_ROLLBACK_EVERY", default_value_t = 10)]
+    pub rollback_every: u64,
+    /// Padding added to each JSON payload, in bytes.
+    #[arg(long, env = "FACTLIB_BENCH_PAYLOAD_BYTES", default_value_t = 200)]
+    pub payload_bytes: u64,
+    /// Distinct aggregate ids per aggregate type.
+    #[arg(long, env = "FACTLIB_BENCH_AGGREGATES", default_value_t = 100)]
+    pub aggregates: u64,
+    /// Aggregate types to spread facts over (comma-separated).
+    #[arg(
+        long,
+        env = "FACTLIB_BENCH_AGGREGATE_TYPES",
+        value_delimiter = ',',
+        default_value = "order,invoice"
+    )]
+    pub aggregate_types: Vec<String>,
+    /// Concurrent sessions, each running its own transactions.
+    #[arg(long, env = "FACTLIB_BENCH_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub connections: u64,
+    /// Write one line per committed fact (topic, id, key, value hash) here,
+    /// for `bench verify`.
+    #[arg(long, env = "FACTLIB_BENCH_MANIFEST")]
+    pub manifest: Option<std::path::PathBuf>,
+    /// The relay's topic template, to record each fact's topic.
+    #[arg(
+        long,
+        env = "FACTLIB_TOPIC_TEMPLATE",
+        default_value = "{prefix}.{aggregate_type}"
+    )]
+    pub topic_template: String,
+}
+
+/// `factlib bench verify`
+#[derive(Debug, Args)]
+pub struct BenchVerifyArgs {
+    /// The manifest written by `bench emit --manifest`.
+    #[arg(long, env = "FACTLIB_BENCH_MANIFEST")]
+    pub manifest: std::path::PathBuf,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "FACTLIB_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+    /// Give up reading after this many seconds.
+    #[arg(long, env = "FACTLIB_BENCH_VERIFY_TIMEOUT_SECS", default_value_t = 120)]
+    pub timeout_secs: u64,
 }
 
 /// `factlib setup`

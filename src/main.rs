@@ -15,12 +15,14 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 
     let t = match &cli.command {
         Command::Tail(a) => a.source.transport,
         Command::Relay(a) => a.source.transport,
+        Command::Bench(_) => Transport::Tokio,
         _ => Transport::Tokio,
     };
     let result = transport::block_on(t, factlib::cli::run(cli));

@@ -491,3 +491,99 @@ async fn permanent_produce_error_stops_without_confirming_past_the_fact() {
     check_delivery(&small, &got, 3);
     teardown(&slot, &publication).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_emit_and_verify_prove_end_to_end_delivery() {
+    let (slot, publication) = (unique("rbench"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("manifest.tsv");
+    let child = spawn(relay(&slot, &publication, &prefix));
+
+    let mut c = factlib(&slot, &publication, &prefix);
+    c.args([
+        "bench",
+        "emit",
+        "--rate",
+        "500",
+        "--duration-secs",
+        "2",
+        "--txn-size",
+        "5",
+        "--rollback-every",
+        "4",
+    ])
+    .arg("--manifest")
+    .arg(&manifest);
+    let emitted = run(c, Duration::from_secs(60)).await;
+    assert_eq!(emitted.code, 0, "{}", emitted.stderr);
+    let committed = std::fs::read_to_string(&manifest).unwrap().lines().count();
+    assert!(committed > 0);
+    assert!(
+        emitted
+            .stdout
+            .contains(&format!("emitted: {committed} facts committed")),
+        "{}",
+        emitted.stdout
+    );
+    assert!(
+        !emitted.stdout.contains(" 0 facts rolled back"),
+        "rolled-back transactions are mixed in: {}",
+        emitted.stdout
+    );
+
+    let verify = |manifest: std::path::PathBuf, timeout: &str| {
+        let mut c = factlib(&slot, &publication, &prefix);
+        c.env("FACTLIB_BROKERS", brokers())
+            .args(["bench", "verify", "--timeout-secs", timeout])
+            .arg("--manifest")
+            .arg(manifest);
+        run(c, Duration::from_secs(90))
+    };
+    let ok = verify(manifest.clone(), "30").await;
+    assert_eq!(ok.code, 0, "{}\n{}", ok.stdout, ok.stderr);
+    assert!(
+        ok.stdout
+            .contains("VERIFIED: every committed fact arrived exactly once"),
+        "{}",
+        ok.stdout
+    );
+    assert!(
+        ok.stdout
+            .contains(&format!("{committed} arrived, 0 missing, 0 duplicates")),
+        "{}",
+        ok.stdout
+    );
+
+    // A manifest naming a fact that was never written must fail.
+    let bad = dir.path().join("bad.tsv");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    let topic = text
+        .lines()
+        .next()
+        .unwrap()
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_owned();
+    text.push_str(&format!(
+        "{topic}\t00000000-0000-7000-8000-000000000000\tnobody\t0000000000000001\n"
+    ));
+    std::fs::write(&bad, text).unwrap();
+    let failed = verify(bad, "5").await;
+    assert_eq!(failed.code, 1, "{}", failed.stdout);
+    assert!(
+        failed.stdout.contains("1 missing") && failed.stdout.contains("FAILED"),
+        "{}",
+        failed.stdout
+    );
+
+    let out = stop(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    teardown(&slot, &publication).await;
+}

@@ -7,6 +7,7 @@
 //! - Errors say what failed and what to do about it.
 //! - `tail` confirms only what it has written to stdout and flushed.
 
+pub mod bench;
 pub mod setup;
 pub mod status;
 pub mod tail;
@@ -118,6 +119,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Emit(args) => emit_cmd::run(&cli.common, args).await,
         Command::Tail(args) => tail::run(&cli.common, &args).await,
         Command::Status => status::run(&cli.common).await,
+        Command::Bench(cmd) => bench::run(&cli.common, &cmd).await,
         Command::Relay(args) => {
             let stop = spawn_signal_watch();
             crate::relay::run(&cli.common, &args, stop).await?;

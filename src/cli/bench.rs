@@ -1,0 +1,364 @@
+//! `factlib bench emit` (the load generator) and `factlib bench verify`
+//! (reads the topics back and checks every committed fact arrived once,
+//! exactly as written).
+//!
+//! ```text
+//!  bench emit ──real transactions (some rolled back)──► PostgreSQL
+//!      └─ manifest: one line per *committed* fact (topic, id, key, value hash)
+//!  bench verify ──reads the topics from the start──► compares with the manifest
+//! ```
+//!
+//! **Invariants**
+//! - A fact enters the manifest only after its transaction's COMMIT returned.
+//! - The checksum is order-independent: the wrapping sum of FNV-1a 64 over
+//!   `id || value` of every fact, so emit and verify compute the same number
+//!   when the same facts arrive.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{connect_sql, CliError};
+use crate::config::{BenchCommand, BenchEmitArgs, BenchVerifyArgs, CommonArgs};
+use crate::emit::{self, NewFact};
+use crate::fact;
+use crate::route::TopicTemplate;
+
+/// FNV-1a, 64 bit.
+pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
+    let context = context.into();
+    move |source| CliError::Io { context, source }
+}
+
+/// Runs `factlib bench …`.
+pub async fn run(common: &CommonArgs, cmd: &BenchCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        BenchCommand::Emit(a) => emit_load(common, a).await,
+        BenchCommand::Verify(a) => verify(a).await,
+    }
+}
+
+struct Line {
+    topic: String,
+    id: String,
+    key: String,
+    hash: u64,
+}
+
+async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, CliError> {
+    let template = TopicTemplate::parse(&a.topic_template)
+        .map_err(|e| CliError::Precondition(e.to_string()))?;
+    let types: Vec<String> = a.aggregate_types.clone();
+    if types.is_empty() {
+        return Err(CliError::Precondition(
+            "--aggregate-types needs at least one type".into(),
+        ));
+    }
+    let mut manifest = match &a.manifest {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(io(format!("creating {}", p.display())))?,
+        )),
+        None => None,
+    };
+    let payload_pad = "x".repeat(usize::try_from(a.payload_bytes).unwrap_or(0));
+    let txn_size = usize::try_from(a.txn_size).unwrap_or(1).max(1);
+    let connections = usize::try_from(a.connections).unwrap_or(1).max(1);
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        clients.push(connect_sql(&common.database_url).await?);
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(a.duration_secs);
+    let per_txn = Duration::from_secs_f64(a.txn_size as f64 / a.rate.max(1) as f64);
+    let (mut committed, mut rolled_back, mut txns, mut checksum, mut n) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut next_progress = start + Duration::from_secs(1);
+    let mut next_txn = start;
+    // Transactions run `connections` at a time, each on its own session.
+    while Instant::now() < deadline {
+        let mut batch = Vec::new();
+        for c in clients.iter_mut() {
+            let rollback = a.rollback_every > 0 && (txns + 1) % a.rollback_every == 0;
+            txns += 1;
+            let mut facts = Vec::with_capacity(txn_size);
+            for _ in 0..txn_size {
+                n += 1;
+                let ty = &types[usize::try_from(n).unwrap_or(0) % types.len()];
+                let key = format!("{ty}-{}", n % a.aggregates.max(1));
+                let payload = format!("{{\"n\":{n},\"pad\":\"{payload_pad}\"}}");
+                facts.push(NewFact {
+                    aggregate_type: ty.clone(),
+                    aggregate_id: key,
+                    event_type: format!("{ty}.changed"),
+                    payload: Bytes::from(payload),
+                    metadata: BTreeMap::from([("bench".to_owned(), "1".to_owned())]),
+                    trace_info: None,
+                });
+            }
+            batch.push(one_txn(c, &common.prefix, facts, rollback));
+            next_txn += per_txn;
+        }
+        for r in futures_util::future::join_all(batch).await {
+            let (written, rollback) = r?;
+            if rollback {
+                rolled_back += u64::try_from(written.len()).unwrap_or(0);
+                continue;
+            }
+            for (f, envelope) in written {
+                committed += 1;
+                let hash = fnv1a64(&[f.id.as_bytes(), &envelope]);
+                checksum = checksum.wrapping_add(hash);
+                if let Some(m) = manifest.as_mut() {
+                    let topic = template
+                        .render(&common.prefix, &f.aggregate_type, &f.event_type)
+                        .map_err(|e| CliError::Precondition(e.to_string()))?;
+                    let l = Line {
+                        topic,
+                        id: f.id,
+                        key: f.aggregate_id,
+                        hash,
+                    };
+                    writeln!(m, "{}\t{}\t{}\t{:016x}", l.topic, l.id, l.key, l.hash)
+                        .map_err(io("writing the manifest"))?;
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= next_progress {
+            let secs = now.duration_since(start).as_secs_f64();
+            eprintln!(
+                "bench emit: {committed} facts committed, {rolled_back} rolled back, {:.0} facts/s",
+                committed as f64 / secs
+            );
+            next_progress = now + Duration::from_secs(1);
+        }
+        if next_txn > now {
+            tokio::time::sleep(next_txn - now).await;
+        }
+    }
+    if let Some(mut m) = manifest {
+        m.flush().map_err(io("writing the manifest"))?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "emitted: {committed} facts committed in {} transactions, {rolled_back} facts rolled back, {:.0} facts/s over {secs:.1} s, checksum {checksum:016x}",
+        txns,
+        committed as f64 / secs
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+type Written = Vec<(fact::Fact, Vec<u8>)>;
+
+async fn one_txn(
+    client: &mut tokio_postgres::Client,
+    prefix: &str,
+    facts: Vec<NewFact>,
+    rollback: bool,
+) -> Result<(Written, bool), CliError> {
+    let pg = |context: &'static str| {
+        move |source| CliError::Postgres {
+            context: context.into(),
+            source,
+        }
+    };
+    let tx = client.transaction().await.map_err(pg("BEGIN"))?;
+    let mut written = Vec::with_capacity(facts.len());
+    for f in facts {
+        let built = emit::build(f)?;
+        let envelope = fact::encode(&built);
+        tx.execute(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)",
+            &[&prefix, &envelope],
+        )
+        .await
+        .map_err(pg("emitting a fact"))?;
+        written.push((built, envelope));
+    }
+    if rollback {
+        tx.rollback().await.map_err(pg("ROLLBACK"))?;
+    } else {
+        tx.commit().await.map_err(pg("COMMIT"))?;
+    }
+    Ok((written, rollback))
+}
+
+fn read_manifest(path: &Path) -> Result<Vec<Line>, CliError> {
+    let f = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(io("reading the manifest"))?;
+        let mut it = line.split('\t');
+        let (Some(topic), Some(id), Some(key), Some(hash)) =
+            (it.next(), it.next(), it.next(), it.next())
+        else {
+            return Err(CliError::Precondition(format!(
+                "{}:{}: not a manifest line",
+                path.display(),
+                i + 1
+            )));
+        };
+        let hash = u64::from_str_radix(hash, 16).map_err(|_| {
+            CliError::Precondition(format!("{}:{}: bad hash", path.display(), i + 1))
+        })?;
+        out.push(Line {
+            topic: topic.into(),
+            id: id.into(),
+            key: key.into(),
+            hash,
+        });
+    }
+    Ok(out)
+}
+
+async fn verify(a: &BenchVerifyArgs) -> Result<ExitCode, CliError> {
+    let lines = read_manifest(&a.manifest)?;
+    let expected: HashMap<&str, &Line> = lines.iter().map(|l| (l.id.as_str(), l)).collect();
+    let topics: Vec<String> = lines
+        .iter()
+        .map(|l| l.topic.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let brokers = a.brokers.clone();
+    let timeout = Duration::from_secs(a.timeout_secs);
+    let want = lines.len();
+    let records =
+        tokio::task::spawn_blocking(move || read_topics(&brokers, &topics, want, timeout))
+            .await
+            .map_err(|e| CliError::Precondition(format!("reader thread failed: {e}")))??;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let (mut mismatched, mut unexpected, mut checksum) = (0u64, 0u64, 0u64);
+    for (topic, key, id, value) in &records {
+        let Some(l) = expected.get(id.as_str()) else {
+            unexpected += 1;
+            continue;
+        };
+        let hash = fnv1a64(&[id.as_bytes(), value]);
+        let count = seen.entry(id.clone()).or_default();
+        *count += 1;
+        if *count == 1 {
+            checksum = checksum.wrapping_add(hash);
+        }
+        if hash != l.hash || *topic != l.topic || key.as_deref() != Some(l.key.as_bytes()) {
+            mismatched += 1;
+        }
+    }
+    let missing = lines.iter().filter(|l| !seen.contains_key(&l.id)).count();
+    let duplicates: u64 = seen.values().map(|c| u64::from(c.saturating_sub(1))).sum();
+    let want_sum = lines.iter().fold(0u64, |s, l| s.wrapping_add(l.hash));
+    println!(
+        "verify: {} committed facts expected, {} records read: {} arrived, {missing} missing, {duplicates} duplicates, {mismatched} not as written, {unexpected} unexpected",
+        lines.len(),
+        records.len(),
+        seen.len()
+    );
+    println!("verify: checksum expected {want_sum:016x}, read {checksum:016x}");
+    if missing == 0 && mismatched == 0 && unexpected == 0 && checksum == want_sum {
+        if duplicates == 0 {
+            println!("VERIFIED: every committed fact arrived exactly once, exactly as written");
+        } else {
+            println!("VERIFIED (at-least-once): every committed fact arrived as written; {duplicates} duplicates");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("FAILED: see the counts above");
+        Ok(ExitCode::from(1))
+    }
+}
+
+type Read = (String, Option<Vec<u8>>, String, Vec<u8>);
+
+fn read_topics(
+    brokers: &str,
+    topics: &[String],
+    want: usize,
+    timeout: Duration,
+) -> Result<Vec<Read>, CliError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    let kafka = |e: rdkafka::error::KafkaError| CliError::Precondition(format!("Kafka: {e}"));
+    let group = format!("factlib-verify-{}", std::process::id());
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(kafka)?;
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .map_err(kafka)?;
+        for mt in md.topics() {
+            for p in mt.partitions() {
+                tpl.add_partition_offset(mt.name(), p.id(), Offset::Beginning)
+                    .map_err(kafka)?;
+            }
+        }
+    }
+    consumer.assign(&tpl).map_err(kafka)?;
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut quiet_since = Instant::now();
+    while start.elapsed() < timeout {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let id = m
+                    .headers()
+                    .and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == "factlib-id")
+                            .and_then(|h| h.value.map(<[u8]>::to_vec))
+                    })
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .unwrap_or_default();
+                out.push((
+                    m.topic().to_owned(),
+                    m.key().map(<[u8]>::to_vec),
+                    id,
+                    m.payload().unwrap_or_default().to_vec(),
+                ));
+                quiet_since = Instant::now();
+            }
+            Some(Err(e)) => return Err(kafka(e)),
+            None => {
+                // Everything expected is in, and nothing more came for 2 s.
+                if out.len() >= want && quiet_since.elapsed() >= Duration::from_secs(2) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_matches_reference_values() {
+        assert_eq!(fnv1a64(&[b""]), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(&[b"a"]), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(&[b"foo", b"bar"]), fnv1a64(&[b"foobar"]));
+    }
+}
