@@ -6,7 +6,9 @@
 //! startup and simple queries are handed to `postgres-protocol`.
 //!
 //! **Invariants**
-//! - `parse` consumes bytes from the buffer only when it returns a message.
+//! - `parse` consumes nothing while it returns `Ok(None)`; it consumes the
+//!   frame when it returns a message, or a `DecodeError` for a malformed body
+//!   (after which the connection cannot be trusted and is dropped).
 //! - A frame longer than `max_frame` is rejected before any allocation.
 
 use bytes::{Buf, Bytes, BytesMut};
