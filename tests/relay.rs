@@ -587,3 +587,55 @@ async fn bench_emit_and_verify_prove_end_to_end_delivery() {
     );
     teardown(&slot, &publication).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_topic_stops_clearly_and_payload_mode_sends_the_payload() {
+    let (slot, publication) = (unique("rtopic"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let written = emit_facts(&prefix, 3, 2, 0).await;
+
+    let mut c = factlib(&slot, &publication, &prefix);
+    c.env("FACTLIB_BROKERS", brokers())
+        .args(["relay", "--progress-interval-secs", "0"]);
+    let r = run(c, Duration::from_secs(60)).await;
+    assert_ne!(
+        r.code, 0,
+        "without --create-topics a missing topic stops the relay"
+    );
+    assert!(
+        r.stderr.contains("does not exist") && r.stderr.contains("--create-topics"),
+        "the error says what to do:\n{}",
+        r.stderr
+    );
+    let confirmed: Lsn = confirmed_flush(&slot).await.parse().unwrap();
+    let mut payload_relay = relay(&slot, &publication, &prefix);
+    payload_relay.args(["--value", "payload"]);
+    let child = spawn(payload_relay);
+    let t = topics(&prefix);
+    let got = tokio::task::spawn_blocking(move || {
+        consume(&t, 6, Duration::from_secs(2), Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    let out = stop(child).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        got.len(),
+        6,
+        "nothing was confirmed by the failed run ({confirmed}), so every fact comes now"
+    );
+    for c in &got {
+        let id = c.header("factlib-id").unwrap();
+        let w = written.iter().find(|w| w.id == id).expect("a written fact");
+        assert_eq!(
+            c.value, w.payload,
+            "--value payload sends the payload bytes only"
+        );
+    }
+    teardown(&slot, &publication).await;
+}

@@ -103,6 +103,9 @@ pub(crate) struct Shared {
     topics: Topics,
     rings: Arc<Rings<Record>>,
     generation: u32,
+    /// The newest record of the open transaction, pushed when the next one
+    /// arrives or, marked as the batch end, at Commit.
+    held: Option<(usize, Record)>,
 }
 
 /// How a session ended.
@@ -166,6 +169,7 @@ pub async fn run(
         topics: Topics::new(producer.clone(), create),
         rings: Arc::clone(&rings),
         generation: 0,
+        held: None,
     };
     let mut tracker = Tracker::new(Lsn::INVALID);
     let mut backoff = Backoff::new(Duration::from_millis(args.max_backoff_ms));
@@ -185,6 +189,7 @@ pub async fn run(
         {
             Ok(Ended::Stopped) => break Ok(()),
             Ok(Ended::Lost(e)) if e.is_transient() => {
+                session::push_held(&mut sh).await;
                 let wait = backoff.next();
                 telemetry::Disconnected {
                     error: &e,
@@ -357,6 +362,7 @@ fn apply_acks(
             Ok(Delivery::Failed { topic, error, .. }) => {
                 return Err(RelayError::Delivery { topic, error })
             }
+            Ok(Delivery::Broken(e)) => return Err(RelayError::Sink(e)),
             Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return Ok(()),
         }
     }

@@ -66,6 +66,11 @@ pub(super) async fn handle(
         PgOutput::Commit(c) => {
             tracker.commit(c.end_lsn)?;
             *txn = None;
+            // The transaction's last record closes its batch.
+            if let Some((ring, mut rec)) = sh.held.take() {
+                rec.txn_end = Some(c.end_lsn);
+                push(sh, stream, ring, rec).await?;
+            }
         }
         PgOutput::Message(m) => message(sh, stream, tracker, *txn, m).await?,
         _ => {}
@@ -129,7 +134,17 @@ async fn message(
         },
         Err(e) => dead(sh, m.content, &e.to_string(), lsn, opaque).await?,
     };
-    push(sh, stream, rec.0, rec.1).await?;
+    let (ring, mut rec) = rec;
+    if m.transactional {
+        // Hold the newest record back until the next one or the Commit, so
+        // the transaction's last record can be marked as its batch's end.
+        if let Some((r, prev)) = sh.held.replace((ring, rec)) {
+            push(sh, stream, r, prev).await?;
+        }
+    } else {
+        rec.txn_end = Some(m.lsn);
+        push(sh, stream, ring, rec).await?;
+    }
     telemetry::produced(1);
     Ok(())
 }
@@ -159,6 +174,20 @@ async fn dead(
         ring,
         dead_letter(raw, error, lsn, Arc::clone(&info.name), 0, opaque),
     ))
+}
+
+/// After a lost connection: the held record of the cut transaction still
+/// owes an ack, so it is pushed (without a batch end) rather than dropped.
+pub(super) async fn push_held(sh: &mut Shared) {
+    if let Some((ring, mut rec)) = sh.held.take() {
+        while let Err(back) = sh.rings.try_push(ring, rec) {
+            rec = back;
+            if sh.rings.is_closed() {
+                return;
+            }
+            sh.rings.room(ring).await;
+        }
+    }
 }
 
 /// Pushes onto a ring, waiting while it is full and keeping the replication

@@ -21,78 +21,213 @@ use std::time::Duration;
 
 use crossbeam::channel::Sender;
 
-use super::kafka::{Delivery, KafkaProducer, SendOutcome};
+use super::kafka::{Delivery, SendOutcome};
 use super::record::Record;
+use super::Producer;
 use crate::route::Rings;
 
 /// Records taken from a ring at a time.
 const BATCH: usize = 512;
 
 /// Starts flusher `k` as an OS thread.
-pub fn spawn(
+pub fn spawn<P: Producer>(
     k: usize,
     rings: Arc<Rings<Record>>,
-    producer: KafkaProducer,
+    producer: P,
     failures: Sender<Delivery>,
     wake: Arc<tokio::sync::Notify>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("factlib-flush-{k}"))
-        .spawn(move || run(k, &rings, &producer, &failures, &wake))
+        .spawn(move || {
+            Flusher {
+                producer,
+                failures,
+                wake,
+                open: false,
+            }
+            .run(k, &rings)
+        })
 }
 
-fn run(
-    k: usize,
-    rings: &Rings<Record>,
-    producer: &KafkaProducer,
-    failures: &Sender<Delivery>,
-    wake: &tokio::sync::Notify,
-) {
-    let mine: Vec<usize> = rings.rings_of(k).collect();
-    let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        let mut took = 0;
-        for &ring in &mine {
-            took += rings.pop_into(ring, &mut batch, BATCH);
-            for rec in batch.drain(..) {
-                send(producer, rec, failures, wake);
+struct Flusher<P> {
+    producer: P,
+    failures: Sender<Delivery>,
+    wake: Arc<tokio::sync::Notify>,
+    /// A batch is open: `begin` was called and `commit` not yet.
+    open: bool,
+}
+
+impl<P: Producer> Flusher<P> {
+    fn run(mut self, k: usize, rings: &Rings<Record>) {
+        let mine: Vec<usize> = rings.rings_of(k).collect();
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let mut took = 0;
+            for &ring in &mine {
+                took += rings.pop_into(ring, &mut batch, BATCH);
+                for rec in batch.drain(..) {
+                    self.record(rec);
+                }
+            }
+            if took == 0 {
+                if rings.is_closed() && mine.iter().all(|&r| rings.is_empty(r)) {
+                    return;
+                }
+                rings.wait_for_work(k, Duration::from_millis(100));
             }
         }
-        if took == 0 {
-            if rings.is_closed() && mine.iter().all(|&r| rings.is_empty(r)) {
+    }
+
+    /// Sends one record inside a batch that ends at a transaction boundary.
+    fn record(&mut self, rec: Record) {
+        if !self.open {
+            if let Err(e) = self.producer.begin() {
+                self.fail(Delivery::Broken(e));
                 return;
             }
-            rings.wait_for_work(k, Duration::from_millis(100));
+            self.open = true;
         }
+        let end = rec.txn_end;
+        self.send(rec);
+        if let Some(lsn) = end {
+            self.open = false;
+            if let Err(e) = self.producer.commit(lsn) {
+                self.fail(Delivery::Broken(e));
+            }
+        }
+    }
+
+    /// Sends one record, waiting while the producer's queue is full.
+    fn send(&mut self, mut rec: Record) {
+        let mut wait = Duration::from_micros(100);
+        loop {
+            match self.producer.send(rec) {
+                Ok(SendOutcome::Queued) => return,
+                Ok(SendOutcome::Full(back)) => {
+                    rec = back;
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_millis(50));
+                }
+                Err((error, back)) => {
+                    let topic = back.topic.to_string();
+                    self.fail(Delivery::Failed {
+                        opaque: back.opaque,
+                        topic,
+                        error,
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fail(&self, d: Delivery) {
+        let _ = self.failures.send(d);
+        self.wake.notify_one();
     }
 }
 
-/// Sends one record, waiting while librdkafka's queue is full.
-fn send(
-    producer: &KafkaProducer,
-    mut rec: Record,
-    failures: &Sender<Delivery>,
-    wake: &tokio::sync::Notify,
-) {
-    let mut wait = Duration::from_micros(100);
-    loop {
-        match producer.send(rec) {
-            Ok(SendOutcome::Queued) => return,
-            Ok(SendOutcome::Full(back)) => {
-                rec = back;
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(Duration::from_millis(50));
-            }
-            Err((error, back)) => {
-                let topic = back.topic.to_string();
-                let _ = failures.send(Delivery::Failed {
-                    opaque: back.opaque,
-                    topic,
-                    error,
-                });
-                wake.notify_one();
-                return;
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Lsn;
+    use crate::sink::record::dead_letter;
+    use crate::sink::SinkError;
+    use bytes::Bytes;
+    use rdkafka::error::KafkaError;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Call {
+        Begin,
+        Send(usize),
+        Commit(Lsn),
+    }
+
+    /// Records the calls; the first send of `full_once` reports a full queue.
+    #[derive(Clone, Default)]
+    struct Recording {
+        calls: Arc<Mutex<Vec<Call>>>,
+        full_once: Arc<Mutex<Option<usize>>>,
+    }
+
+    impl Producer for Recording {
+        fn begin(&mut self) -> Result<(), SinkError> {
+            self.calls.lock().unwrap().push(Call::Begin);
+            Ok(())
         }
+        fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
+            let mut full = self.full_once.lock().unwrap();
+            if *full == Some(rec.opaque) {
+                *full = None;
+                return Ok(SendOutcome::Full(rec));
+            }
+            self.calls.lock().unwrap().push(Call::Send(rec.opaque));
+            Ok(SendOutcome::Queued)
+        }
+        fn commit(&mut self, through: Lsn) -> Result<(), SinkError> {
+            self.calls.lock().unwrap().push(Call::Commit(through));
+            Ok(())
+        }
+    }
+
+    fn rec(opaque: usize, txn_end: Option<u64>) -> Record {
+        let mut r = dead_letter(Bytes::from_static(b"x"), "e", Lsn(1), "t".into(), 0, opaque);
+        r.txn_end = txn_end.map(Lsn);
+        r
+    }
+
+    #[test]
+    fn batches_end_at_transaction_boundaries_in_ring_order() {
+        let rings = Rings::new(1, 16, 1).unwrap();
+        // A transaction of three records, a lone fact, a transaction of one.
+        for r in [
+            rec(1, None),
+            rec(2, None),
+            rec(3, Some(100)),
+            rec(4, Some(120)),
+            rec(5, Some(200)),
+        ] {
+            rings.try_push(0, r).unwrap();
+        }
+        rings.close();
+        let p = Recording::default();
+        *p.full_once.lock().unwrap() = Some(2);
+        let (tx, rx) = crossbeam::channel::unbounded();
+        spawn(
+            0,
+            Arc::clone(&rings),
+            p.clone(),
+            tx,
+            Arc::new(tokio::sync::Notify::new()),
+        )
+        .unwrap()
+        .join()
+        .unwrap();
+        use Call::*;
+        assert_eq!(
+            *p.calls.lock().unwrap(),
+            vec![
+                Begin,
+                Send(1),
+                Send(2),
+                Send(3),
+                Commit(Lsn(100)),
+                Begin,
+                Send(4),
+                Commit(Lsn(120)),
+                Begin,
+                Send(5),
+                Commit(Lsn(200))
+            ],
+            "a full queue retries the same record, in order"
+        );
+        assert!(rx.try_recv().is_err(), "no failures");
+        assert_eq!(
+            rings.total_len(),
+            0,
+            "the flusher drains its rings before exiting"
+        );
     }
 }

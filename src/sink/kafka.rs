@@ -61,6 +61,8 @@ pub enum Delivery {
         /// Key + value bytes.
         bytes: u64,
     },
+    /// A batch could not begin or commit; nothing after it is confirmed.
+    Broken(SinkError),
     /// The record failed for good.
     Failed {
         /// Its opaque token.
@@ -253,6 +255,22 @@ impl KafkaProducer {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// At-least-once: batches need no Kafka transaction; the idempotent
+/// producer and delivery reports carry the guarantee.
+impl super::Producer for KafkaProducer {
+    fn begin(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
+        KafkaProducer::send(self, rec)
+    }
+
+    fn commit(&mut self, _through: crate::lsn::Lsn) -> Result<(), SinkError> {
         Ok(())
     }
 }

@@ -23,10 +23,32 @@ pub mod kafka;
 pub mod record;
 pub mod topics;
 
-pub use kafka::{Delivery, KafkaProducer, ProducerConfig};
+pub use kafka::{Delivery, KafkaProducer, ProducerConfig, SendOutcome};
 pub use record::{Record, ValueMode};
 
 use rdkafka::error::KafkaError;
+
+use crate::lsn::Lsn;
+
+/// What the flushers drive. Records arrive in batches cut at PostgreSQL
+/// transaction boundaries: `begin`, then `send` for each record, and
+/// `commit` after a record whose [`Record::txn_end`] is set.
+///
+/// The at-least-once producer ([`KafkaProducer`]) needs no batch: its
+/// `begin` and `commit` do nothing, and delivery reports alone drive
+/// progress. An exactly-once producer would run a Kafka transaction per
+/// batch, writing a checkpoint record (the `txn_end` LSN) to a compacted
+/// topic before `commit`; it needs one flusher (`--flushers 1 --rings 1`)
+/// so that a batch holds whole PostgreSQL transactions in order.
+pub trait Producer: Clone + Send + 'static {
+    /// Starts a batch.
+    fn begin(&mut self) -> Result<(), SinkError>;
+    /// Hands one record over without blocking; a full queue returns it.
+    #[allow(clippy::result_large_err)]
+    fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)>;
+    /// Ends the batch after the record that closed PostgreSQL unit `through`.
+    fn commit(&mut self, through: Lsn) -> Result<(), SinkError>;
+}
 
 /// Why the Kafka side failed.
 #[derive(Debug, thiserror::Error)]

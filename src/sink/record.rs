@@ -40,6 +40,9 @@ pub struct Record {
     pub bytes: usize,
     /// The ack token, returned in the delivery report.
     pub opaque: usize,
+    /// Set on the last record of a PostgreSQL transaction (and on every lone
+    /// fact): the end LSN of that unit. A producer may commit a batch here.
+    pub txn_end: Option<Lsn>,
 }
 
 impl std::fmt::Debug for Record {
@@ -166,6 +169,7 @@ pub fn fact_record(
         headers: Some(headers),
         bytes,
         opaque,
+        txn_end: None,
     }
 }
 
@@ -198,6 +202,7 @@ pub fn dead_letter(
         headers: Some(headers),
         bytes,
         opaque,
+        txn_end: None,
     }
 }
 
