@@ -298,6 +298,11 @@ pub struct RelayArgs {
     #[arg(long, env = "FACTLIB_MAX_BACKOFF_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub max_backoff_ms: u64,
 
+    /// Stop (as on SIGTERM) once every fact up to this LSN (`X/Y`) is
+    /// acknowledged and confirmed: a one-shot drain, used by `perf/drain`.
+    #[arg(long, env = "FACTLIB_STOP_AT_LSN")]
+    pub stop_at_lsn: Option<crate::lsn::Lsn>,
+
     /// Replication connection settings.
     #[command(flatten)]
     pub source: SourceArgs,

@@ -133,6 +133,97 @@ pub fn confirmed() {
     inc(&METRICS.confirms_total, 1);
 }
 
+/// Created → acknowledged latency, in microseconds: (interval, whole run).
+static LATENCY: std::sync::Mutex<
+    Option<(hdrhistogram::Histogram<u64>, hdrhistogram::Histogram<u64>)>,
+> = std::sync::Mutex::new(None);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Records the latency of a record created at `created_ms` (Unix ms) and
+/// acknowledged now. Millisecond resolution: Kafka timestamps are in ms.
+pub fn latency_since_ms(created_ms: i64) {
+    let us = u64::try_from(now_ms().saturating_sub(created_ms))
+        .unwrap_or(0)
+        .saturating_mul(1000);
+    let mut g = LATENCY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if g.is_none() {
+        let new = || hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3);
+        let (Ok(a), Ok(b)) = (new(), new()) else {
+            return;
+        };
+        *g = Some((a, b));
+    }
+    let Some((interval, total)) = g.as_mut() else {
+        return;
+    };
+    let _ = interval.record(us.max(1));
+    let _ = total.record(us.max(1));
+}
+
+/// A latency summary: count, p50, p99, p999, max in ms.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LatencySummary {
+    /// Records measured.
+    pub count: u64,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile, ms.
+    pub p999_ms: f64,
+    /// Maximum, ms.
+    pub max_ms: f64,
+}
+
+fn summarize(h: &hdrhistogram::Histogram<u64>) -> LatencySummary {
+    let ms = |v: u64| v as f64 / 1000.0;
+    LatencySummary {
+        count: h.len(),
+        p50_ms: ms(h.value_at_quantile(0.50)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        p999_ms: ms(h.value_at_quantile(0.999)),
+        max_ms: ms(h.max()),
+    }
+}
+
+/// The latency since the last call (interval) and over the whole run.
+pub fn latency(reset_interval: bool) -> (LatencySummary, LatencySummary) {
+    let mut g = LATENCY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match g.as_mut() {
+        Some((interval, total)) => {
+            let r = (summarize(interval), summarize(total));
+            if reset_interval {
+                interval.reset();
+            }
+            r
+        }
+        None => Default::default(),
+    }
+}
+
+/// Logs the whole run's latency (at shutdown).
+pub fn emit_latency_summary() {
+    let (_, t) = latency(false);
+    tracing::info!(
+        count = t.count,
+        p50_ms = t.p50_ms,
+        p99_ms = t.p99_ms,
+        p999_ms = t.p999_ms,
+        max_ms = t.max_ms,
+        "latency created->acked over the run"
+    );
+}
+
 /// Computes the periodic progress line from the counters.
 #[derive(Debug)]
 pub struct ProgressReporter {
@@ -167,6 +258,7 @@ impl ProgressReporter {
         let fps = (facts - self.last_facts) as f64 / secs;
         let mbps = (bytes - self.last_bytes) as f64 / secs / 1e6;
         let lag = server.checked_sub(acked).unwrap_or(0);
+        let (lat, _) = latency(true);
         tracing::info!(
             facts_per_s = format_args!("{fps:.0}"),
             mb_per_s = format_args!("{mbps:.2}"),
@@ -175,6 +267,8 @@ impl ProgressReporter {
             lag_bytes = lag,
             total_acked = facts,
             dead_letters = METRICS.dead_letters_total.load(Ordering::Relaxed),
+            p50_ms = lat.p50_ms,
+            p99_ms = lat.p99_ms,
             "progress"
         );
         self.last = now;

@@ -182,13 +182,25 @@ async fn one_txn(
     for f in facts {
         let built = emit::build(f)?;
         let envelope = fact::encode(&built);
-        tx.execute(
-            "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)",
-            &[&prefix, &envelope],
-        )
-        .await
-        .map_err(pg("emitting a fact"))?;
         written.push((built, envelope));
+    }
+    // All emits of the transaction go out pipelined: one round trip.
+    let stmt = tx
+        .prepare("SELECT pg_logical_emit_message(true, $1::text, $2::bytea)")
+        .await
+        .map_err(pg("preparing the emit"))?;
+    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 2]> = written
+        .iter()
+        .map(|(_, envelope)| {
+            [
+                &prefix as &(dyn tokio_postgres::types::ToSql + Sync),
+                envelope,
+            ]
+        })
+        .collect();
+    let sends = params.iter().map(|p| tx.execute(&stmt, p));
+    for r in futures_util::future::join_all(sends).await {
+        r.map_err(pg("emitting a fact"))?;
     }
     if rollback {
         tx.rollback().await.map_err(pg("ROLLBACK"))?;

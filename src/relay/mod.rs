@@ -277,7 +277,7 @@ async fn session(
                 next_progress = progress_every.map(|d| Instant::now() + d);
             }
         }
-        if *stop.borrow() {
+        if *stop.borrow() || args.stop_at_lsn.is_some_and(|at| mark >= at) {
             stopping = true;
         }
         if stopping && txn.is_none() {
@@ -431,6 +431,7 @@ async fn finish(
     if let Err(e) = stream.shutdown(Duration::from_secs(5)).await {
         tracing::warn!(error = %e, "could not send the final position; it will be resent from the last confirmed one");
     }
+    telemetry::emit_latency_summary();
     tracing::info!(confirmed = %mark, "relay stopped");
     Ok(Ended::Stopped)
 }

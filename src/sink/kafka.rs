@@ -89,6 +89,9 @@ impl ProducerContext for AckContext {
         let d = match result {
             Ok(msg) => {
                 use rdkafka::Message as _;
+                if let rdkafka::Timestamp::CreateTime(ts) = msg.timestamp() {
+                    crate::telemetry::latency_since_ms(ts);
+                }
                 let bytes = msg.payload_len() + msg.key().map_or(0, <[u8]>::len);
                 Delivery::Acked {
                     opaque,
@@ -171,6 +174,7 @@ impl KafkaProducer {
                 .payload(&rec.value[..])
                 .partition(rec.partition);
             base.headers = headers;
+            base.timestamp = rec.timestamp_ms;
             if let Some(k) = &rec.key {
                 base = base.key(&k[..]);
             }

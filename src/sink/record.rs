@@ -43,6 +43,9 @@ pub struct Record {
     /// Set on the last record of a PostgreSQL transaction (and on every lone
     /// fact): the end LSN of that unit. A producer may commit a batch here.
     pub txn_end: Option<Lsn>,
+    /// The Kafka timestamp (CreateTime, Unix ms): the fact's `created_at`.
+    /// Delivery reports use it to measure created → acknowledged latency.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for Record {
@@ -159,6 +162,7 @@ pub fn fact_record(
         ValueMode::Envelope => envelope,
         ValueMode::Payload => fact.payload,
     };
+    let timestamp_ms = (fact.created_at > 0).then_some(fact.created_at / 1_000_000);
     let key = Bytes::from(fact.aggregate_id.into_bytes());
     bytes += key.len() + value.len();
     Record {
@@ -170,6 +174,7 @@ pub fn fact_record(
         bytes,
         opaque,
         txn_end: None,
+        timestamp_ms,
     }
 }
 
@@ -203,6 +208,7 @@ pub fn dead_letter(
         bytes,
         opaque,
         txn_end: None,
+        timestamp_ms: None,
     }
 }
 
