@@ -52,6 +52,9 @@ fn count(mut buf: BytesMut, pgoutput: bool, envelope: bool) -> u64 {
     facts
 }
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn bench(c: &mut Criterion) {
     let (stream, facts) = stream();
     let mut g = c.benchmark_group("decode");

@@ -13,12 +13,14 @@
 //!
 //! `cargo bench --bench route`
 
+use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use crossbeam::queue::ArrayQueue;
 use factlib::fact::Fact;
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
 use factlib::pgwire::pgoutput::{DecodeContext, PgOutput};
@@ -225,9 +227,20 @@ fn bench_record(c: &mut Criterion) {
             )
         });
     }
-    // What `relay::session` does per fact after decoding it, minus the
-    // topic-metadata lookup: render the topic, pick the partition, build
-    // the record.
+    // What `relay::session` does per fact after decoding it: render the
+    // topic, look its shared name up (a plain map here, standing in for the
+    // topic-metadata cache, which also holds the partition count), pick the
+    // partition, build the record.
+    let names: HashMap<String, Arc<str>> = facts
+        .iter()
+        .map(|d| {
+            let f = &d.fact;
+            let name = template
+                .render(PREFIX, &f.aggregate_type, &f.event_type)
+                .expect("every fixture fact has a legal topic");
+            (name.clone(), Arc::from(name))
+        })
+        .collect();
     g.bench_function("render+partition+fact_record", |b| {
         b.iter_batched(
             || facts.clone(),
@@ -240,6 +253,7 @@ fn bench_record(c: &mut Criterion) {
                         let name = template
                             .render(PREFIX, &f.aggregate_type, &f.event_type)
                             .ok()?;
+                        let topic = Arc::clone(names.get(&name)?);
                         let partition = partition_for_key(f.aggregate_id.as_bytes(), PARTITIONS);
                         let partition = i32::try_from(partition).ok()?;
                         Some(fact_record(
@@ -247,7 +261,7 @@ fn bench_record(c: &mut Criterion) {
                             d.envelope,
                             ValueMode::Envelope,
                             d.lsn,
-                            Arc::from(name),
+                            topic,
                             partition,
                             i,
                         ))
@@ -308,6 +322,25 @@ fn bench_ring(c: &mut Criterion) {
             }
             for ring in 0..RINGS {
                 while rings.pop_into(ring, &mut pool, FLUSH_BATCH) > 0 {}
+            }
+            pool.len()
+        })
+    });
+    // The same traffic through bare `crossbeam` queues (what each ring is),
+    // without the wakeup handshakes `Rings` adds around them.
+    let queues: Vec<ArrayQueue<Record>> =
+        (0..RINGS).map(|_| ArrayQueue::new(RING_CAPACITY)).collect();
+    g.bench_function("arrayqueue-baseline/64-queues", |b| {
+        b.iter(|| {
+            for (i, rec) in pool.drain(..).enumerate() {
+                if queues[i % RINGS].push(rec).is_err() {
+                    unreachable!("{N} records fit in {RINGS} queues of {RING_CAPACITY}");
+                }
+            }
+            for q in &queues {
+                while let Some(rec) = q.pop() {
+                    pool.push(rec);
+                }
             }
             pool.len()
         })

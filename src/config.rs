@@ -242,7 +242,7 @@ pub struct RelayArgs {
     pub compression: Compression,
 
     /// How long the producer waits to fill a batch (linger.ms).
-    #[arg(long, env = "FACTLIB_LINGER_MS", default_value_t = 5)]
+    #[arg(long, env = "FACTLIB_LINGER_MS", default_value_t = 1)]
     pub linger_ms: u64,
 
     /// Largest batch per partition in bytes (batch.size).
@@ -254,12 +254,12 @@ pub struct RelayArgs {
     pub batch_messages: u64,
 
     /// Most records queued inside the producer (queue.buffering.max.messages).
-    #[arg(long, env = "FACTLIB_QUEUE_MESSAGES", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    #[arg(long, env = "FACTLIB_QUEUE_MESSAGES", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub queue_messages: u64,
 
     /// Most KiB queued inside the producer (queue.buffering.max.kbytes);
     /// bounds memory while Kafka is slow or away.
-    #[arg(long, env = "FACTLIB_QUEUE_KBYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=2_097_151))]
+    #[arg(long, env = "FACTLIB_QUEUE_KBYTES", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=2_097_151))]
     pub queue_kbytes: u64,
 
     /// Extra librdkafka producer property `key=value`; repeat for more
@@ -268,11 +268,11 @@ pub struct RelayArgs {
     pub producer_properties: Vec<(String, String)>,
 
     /// Facts each per-partition ring holds before the reader waits.
-    #[arg(long, env = "FACTLIB_RING_CAPACITY", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(2..=16_777_216))]
+    #[arg(long, env = "FACTLIB_RING_CAPACITY", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(2..=16_777_216))]
     pub ring_capacity: u64,
 
     /// Number of rings; each (topic, partition) is pinned to one.
-    #[arg(long, env = "FACTLIB_RINGS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    #[arg(long, env = "FACTLIB_RINGS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub rings: u64,
 
     /// Flusher threads draining the rings into the producer.

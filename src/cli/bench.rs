@@ -80,7 +80,16 @@ async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, C
     let connections = usize::try_from(a.connections).unwrap_or(1).max(1);
     let mut clients = Vec::new();
     for _ in 0..connections {
-        clients.push(connect_sql(&common.database_url).await?);
+        let c = connect_sql(&common.database_url).await?;
+        // Like an application on default settings: a commit returns once its
+        // WAL is flushed, which is also when the walsender may send it.
+        c.batch_execute("SET synchronous_commit = on")
+            .await
+            .map_err(|source| CliError::Postgres {
+                context: "SET synchronous_commit".into(),
+                source,
+            })?;
+        clients.push(c);
     }
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.duration_secs);
