@@ -56,9 +56,13 @@ async fn emit_facts(prefix: &str, txns: usize, per: usize, offset: usize) -> Vec
         let mut batch = Vec::new();
         for i in 0..per {
             let n = n0 + i;
-            let agg_type = if n % 3 == 0 { "invoice" } else { "order" };
+            let agg_type = if n.is_multiple_of(3) {
+                "invoice"
+            } else {
+                "order"
+            };
             let agg = format!("a{}", n % 37);
-            let (f, _) = emit(&tx, prefix, fact(agg_type, &agg, n, n % 2 == 0))
+            let (f, _) = emit(&tx, prefix, fact(agg_type, &agg, n, n.is_multiple_of(2)))
                 .await
                 .unwrap();
             batch.push(Written {

@@ -98,7 +98,7 @@ mod tests {
     const PARTITION_COUNTS: [u32; 6] = [1, 3, 7, 12, 64, 1000];
 
     fn unhex(s: &str) -> Vec<u8> {
-        assert!(s.len() % 2 == 0, "odd hex length: {s}");
+        assert!(s.len().is_multiple_of(2), "odd hex length: {s}");
         (0..s.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
