@@ -118,17 +118,8 @@ pub async fn run(common: &CommonArgs, args: &TailArgs) -> Result<ExitCode, CliEr
         system_id = %id.system_id, timeline = id.timeline, xlogpos = %id.xlogpos,
         backend_pid = stream.backend_pid(), "connected for replication"
     );
-    let publications = format!("\"{}\"", common.publication);
     stream
-        .start_logical(
-            &common.slot,
-            Lsn::INVALID,
-            &[
-                ("proto_version", "1"),
-                ("publication_names", &publications),
-                ("messages", "true"),
-            ],
-        )
+        .start_pgoutput(&common.slot, Lsn::INVALID, &common.publication)
         .await?;
 
     let prefix = common.prefix.as_bytes();

@@ -329,17 +329,8 @@ async fn connect(
 ) -> Result<ReplicationStream, SourceError> {
     let mut stream = ReplicationStream::connect(conn, &args.source).await?;
     stream.identify_system().await?;
-    let publications = format!("\"{}\"", common.publication);
     stream
-        .start_logical(
-            &common.slot,
-            start,
-            &[
-                ("proto_version", "1"),
-                ("publication_names", &publications),
-                ("messages", "true"),
-            ],
-        )
+        .start_pgoutput(&common.slot, start, &common.publication)
         .await?;
     Ok(stream)
 }

@@ -325,6 +325,23 @@ impl ReplicationStream {
         }
     }
 
+    /// `START_REPLICATION` with pgoutput protocol 1, the publication, and
+    /// logical messages on: what `tail` and `relay` stream.
+    pub async fn start_pgoutput(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<(), SourceError> {
+        let publications = format!("\"{}\"", publication.replace('"', "\"\""));
+        let options = [
+            ("proto_version", "1"),
+            ("publication_names", publications.as_str()),
+            ("messages", "true"),
+        ];
+        self.start_logical(slot, start, &options).await
+    }
+
     /// The next message from the stream. Sends standby status updates when
     /// due or asked for, while waiting.
     pub async fn next(&mut self) -> Result<ReplicationMessage, SourceError> {
