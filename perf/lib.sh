@@ -1,5 +1,6 @@
 # Shared by the perf/ scripts (sourced, not run).
-# perf_setup: starts the environment, builds the release binary, installs /usr/bin/time.
+# perf_setup: starts the environment, builds the release binary (or uses $FACTLIB_BIN),
+#   installs /usr/bin/time.
 # perf_backlog N PAYLOAD TXN: a fresh slot+publication+prefix ($run), N facts emitted with no
 #   relay running; sets $start $end (LSNs) and $wal (bytes). Drops the slots on exit.
 perf_setup() {
@@ -9,8 +10,12 @@ perf_setup() {
     if [ ! -x /usr/bin/time ]; then
         apt-get install -y -q time >/dev/null 2>&1 || { echo "needs /usr/bin/time: apt-get install time" >&2; exit 1; }
     fi
-    cargo build --release --quiet
-    F="$ROOT/target/release/factlib"
+    if [ -n "${FACTLIB_BIN:-}" ]; then
+        F="$FACTLIB_BIN"    # compare builds: FACTLIB_BIN=/path/to/factlib perf/drain ...
+    else
+        cargo build --release --quiet
+        F="$ROOT/target/release/factlib"
+    fi
     PSQL=(psql -X -q -v ON_ERROR_STOP=1 "$FACTLIB_DATABASE_URL")
 }
 
