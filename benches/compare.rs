@@ -28,6 +28,8 @@
 //!
 //! `cargo bench --bench compare`
 
+mod common;
+
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
@@ -45,15 +47,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The `mixed` fixture's frames, repeated to about 8 MiB (as in
 /// `benches/decode.rs`).
 fn stream() -> Bytes {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/pg15/mixed.stream"
-    );
-    let one = std::fs::read(path).expect("golden fixture tests/fixtures/pg15/mixed.stream");
-    let mut all = Vec::with_capacity(8 << 20);
-    while all.len() < (8 << 20) {
-        all.extend_from_slice(&one);
-    }
+    let all = common::fixture_stream();
     Bytes::from(all)
 }
 

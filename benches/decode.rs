@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench decode`
 
+mod common;
+
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
@@ -12,15 +14,7 @@ use factlib::pgwire::replication::ReplicationMessage;
 
 /// The `mixed` fixture's frames, repeated to about 8 MiB.
 fn stream() -> (Bytes, u64) {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/pg15/mixed.stream"
-    );
-    let one = std::fs::read(path).expect("golden fixture tests/fixtures/pg15/mixed.stream");
-    let mut all = Vec::with_capacity(8 << 20);
-    while all.len() < (8 << 20) {
-        all.extend_from_slice(&one);
-    }
+    let all = common::fixture_stream();
     let facts = count(BytesMut::from(&all[..]), true, true);
     (Bytes::from(all), facts)
 }

@@ -179,14 +179,6 @@ fn check_delivery(written: &[Written], got: &[Consumed], partitions: u32) -> usi
     dups
 }
 
-async fn stop(child: tokio::process::Child) -> std::process::Output {
-    signal(&child, "TERM").await;
-    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("relay exits after SIGTERM")
-        .unwrap()
-}
-
 /// Where the next WAL record will be inserted (everything written so far
 /// ends at or before it).
 async fn current_wal_lsn() -> Lsn {
@@ -217,7 +209,7 @@ async fn relays_exactly_the_committed_facts_with_keys_headers_and_order() {
     .unwrap();
     // Give the final confirmation a moment, then stop.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let out = stop(child).await;
+    let out = stop_ok(child).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "relay exit: {}\n{stderr}", out.status);
     assert_eq!(got.len(), 10_000, "exactly the 10,000 committed facts");
@@ -253,12 +245,7 @@ async fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
     });
     let first = spawn(relay(&slot, &publication, &prefix));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let out = stop(first).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop_ok(first).await;
     let second = spawn(relay(&slot, &publication, &prefix));
     let written = emitter.await.unwrap();
     let t = topics(&prefix);
@@ -268,12 +255,7 @@ async fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
     })
     .await
     .unwrap();
-    let out = stop(second).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop_ok(second).await;
     assert_eq!(
         check_delivery(&written, &got, 3),
         0,
@@ -319,12 +301,7 @@ async fn kill_9_at_ten_points_loses_nothing() {
     })
     .await
     .unwrap();
-    let out = stop(last).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop_ok(last).await;
     let dups = check_delivery(&written, &got, 3);
     println!("crash test: {} facts written, {} records read, {dups} duplicates after 10 x kill -9 (at-least-once)", written.len(), got.len());
     teardown(&slot, &publication).await;
@@ -359,12 +336,7 @@ async fn malformed_envelope_goes_to_the_dlq_and_later_facts_flow() {
     })
     .await
     .unwrap();
-    let out = stop(child).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = stop_ok(child).await;
     let (dlq, facts): (Vec<_>, Vec<_>) = got.into_iter().partition(|c| c.topic.ends_with(".dlq"));
     assert_eq!(dlq.len(), 1, "one dead letter");
     assert_eq!(dlq[0].value, bad, "the raw bytes");
@@ -410,12 +382,7 @@ async fn idle_slot_advances_on_wal_outside_the_publication() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         confirmed = confirmed_flush(&slot).await.parse().unwrap();
     }
-    let out = stop(child).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop_ok(child).await;
     assert!(
         confirmed >= target,
         "idle slot must advance: confirmed {confirmed} < {target}"
@@ -439,7 +406,7 @@ async fn second_relay_on_a_busy_slot_reports_and_retries() {
         second.try_wait().unwrap().is_none(),
         "the second relay keeps retrying, it does not exit"
     );
-    let out2 = stop(second).await;
+    let out2 = stop_ok(second).await;
     let err2 = String::from_utf8_lossy(&out2.stderr);
     assert!(out2.status.success(), "{err2}");
     assert!(
@@ -450,12 +417,7 @@ async fn second_relay_on_a_busy_slot_reports_and_retries() {
         err2.matches("retrying").count() >= 2,
         "it retries, visibly:\n{err2}"
     );
-    let out1 = stop(first).await;
-    assert!(
-        out1.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out1.stderr)
-    );
+    stop_ok(first).await;
     teardown(&slot, &publication).await;
 }
 
@@ -583,12 +545,7 @@ async fn bench_emit_and_verify_prove_end_to_end_delivery() {
         failed.stdout
     );
 
-    let out = stop(child).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop_ok(child).await;
     teardown(&slot, &publication).await;
 }
 
@@ -622,12 +579,7 @@ async fn missing_topic_stops_clearly_and_payload_mode_sends_the_payload() {
     })
     .await
     .unwrap();
-    let out = stop(child).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop_ok(child).await;
     assert_eq!(
         got.len(),
         6,

@@ -208,13 +208,7 @@ async fn kafka_outage_holds_the_slot_and_bounds_memory_then_delivers_everything(
         confirmed >= end,
         "the slot advances once Kafka is back: {confirmed} < {end}"
     );
-    signal(&child, "TERM").await;
-    let out = child.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop_ok(child).await;
     teardown(&slot, &publication).await;
 }
 
@@ -267,10 +261,8 @@ async fn postgres_restart_mid_stream_reconnects_and_loses_nothing() {
         .unwrap();
     let dups = check_all(&all, &got);
     println!("postgres restart: all {n} facts delivered, {dups} duplicates");
-    signal(&child, "TERM").await;
-    let out = child.wait_with_output().await.unwrap();
+    let out = stop_ok(child).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
     assert!(
         stderr.contains("retrying"),
         "the relay saw the restart and reconnected:\n{stderr}"

@@ -290,3 +290,20 @@ pub fn relay(slot: &str, publication: &str, prefix: &str) -> Command {
         ]);
     c
 }
+
+/// Stops a relay (or tail) with SIGTERM and requires a clean exit 0 within
+/// a minute; returns its output.
+pub async fn stop_ok(child: Child) -> std::process::Output {
+    signal(&child, "TERM").await;
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("exits within 60 s of SIGTERM")
+        .expect("wait for the child");
+    assert!(
+        out.status.success(),
+        "exit {} after SIGTERM:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
