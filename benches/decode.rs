@@ -1,73 +1,122 @@
 //! Decode throughput of the replication hot path: backend framing,
-//! XLogData, pgoutput and the fact envelope, over a stream built from the
+//! XLogData, pgoutput and the fact envelope, over streams built from the
 //! golden fixtures captured from a real server (`tests/fixtures/pg15`).
+//! The envelope is decoded with prost (`fact::decode`) or with the
+//! zero-copy view (`fact::view::decode_view`, the `-view` lines).
+//!
+//! - `decode/*`: the `mixed` fixture (facts among other prefixes, lone
+//!   messages and a rolled-back transaction);
+//! - `relay-stream/*`: the `single_fact` fixture's transaction (Begin, one
+//!   fact, Commit), as a relay's messages-only publication streams it.
 //!
 //! `cargo bench --bench decode`
 
 mod common;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
 use factlib::pgwire::pgoutput::{DecodeContext, PgOutput};
 use factlib::pgwire::replication::ReplicationMessage;
 
-/// The `mixed` fixture's frames, repeated to about 8 MiB.
-fn stream() -> (Bytes, u64) {
-    let all = common::fixture_stream();
-    let facts = count(BytesMut::from(&all[..]), true, true);
-    (Bytes::from(all), facts)
+/// How far a line decodes each message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Depth {
+    /// Backend frames and XLogData.
+    Frames,
+    /// And pgoutput.
+    Pgoutput,
+    /// And the facts' envelopes, with prost.
+    Prost,
+    /// And the facts' envelopes, with the view.
+    View,
 }
 
-/// Decodes the whole stream; returns the number of facts seen.
-fn count(mut buf: BytesMut, pgoutput: bool, envelope: bool) -> u64 {
-    let mut facts = 0;
+/// What a line's throughput counts.
+#[derive(Clone, Copy)]
+enum Per {
+    Byte,
+    Fact,
+}
+
+/// One timed line: its name, its depth and its throughput unit.
+type Line = (&'static str, Depth, Per);
+
+const DECODE: [Line; 6] = [
+    ("frames", Depth::Frames, Per::Byte),
+    ("frames+pgoutput", Depth::Pgoutput, Per::Byte),
+    ("frames+pgoutput+envelope", Depth::Prost, Per::Byte),
+    ("frames+pgoutput+envelope-view", Depth::View, Per::Byte),
+    ("facts", Depth::Prost, Per::Fact),
+    ("facts-view", Depth::View, Per::Fact),
+];
+
+const RELAY_STREAM: [Line; 5] = [
+    ("frames", Depth::Frames, Per::Byte),
+    ("frames+pgoutput", Depth::Pgoutput, Per::Byte),
+    ("frames+pgoutput+envelope-view", Depth::View, Per::Byte),
+    ("frames+pgoutput+envelope-prost", Depth::Prost, Per::Byte),
+    ("facts-view", Depth::View, Per::Fact),
+];
+
+/// Decodes the whole stream down to `depth`; returns the number of
+/// XLogData messages (`Frames`) or of facts that decoded (the others).
+fn count(mut buf: BytesMut, depth: Depth) -> u64 {
+    let mut n = 0;
     while let Ok(Some(m)) = backend::parse(&mut buf, DEFAULT_MAX_FRAME) {
         let Backend::CopyData(body) = m else { continue };
         let Ok(ReplicationMessage::XLogData(x)) = ReplicationMessage::parse(body) else {
             continue;
         };
-        if !pgoutput {
-            facts += 1;
+        if depth == Depth::Frames {
+            n += 1;
             continue;
         }
-        if let Ok(PgOutput::Message(msg)) = PgOutput::decode(x.data, DecodeContext::default()) {
-            if &msg.prefix[..] == b"factlib" {
-                if envelope {
-                    if factlib::fact::decode(msg.content).is_ok() {
-                        facts += 1;
-                    }
-                } else {
-                    facts += 1;
-                }
-            }
+        let Ok(PgOutput::Message(msg)) = PgOutput::decode(x.data, DecodeContext::default()) else {
+            continue;
+        };
+        if &msg.prefix[..] != b"factlib" {
+            continue;
         }
+        n += u64::from(match depth {
+            Depth::Frames | Depth::Pgoutput => true,
+            Depth::Prost => factlib::fact::decode(msg.content).is_ok(),
+            Depth::View => factlib::fact::view::decode_view(msg.content).is_ok(),
+        });
     }
-    facts
+    n
+}
+
+/// Benches `lines` over `stream`, in the criterion group `name`.
+fn group(c: &mut Criterion, name: &str, stream: &[u8], lines: &[Line]) {
+    let facts = count(BytesMut::from(stream), Depth::Prost);
+    let view = count(BytesMut::from(stream), Depth::View);
+    assert_eq!(facts, view, "prost and the view must accept the same facts");
+    assert!(facts > 0, "{name}: the stream holds facts");
+    let mut g = c.benchmark_group(name);
+    for &(line, depth, per) in lines {
+        g.throughput(match per {
+            Per::Byte => Throughput::Bytes(u64::try_from(stream.len()).unwrap_or(u64::MAX)),
+            Per::Fact => Throughput::Elements(facts),
+        });
+        // The copy into a fresh read buffer is setup, outside the timing.
+        g.bench_function(line, |b| {
+            b.iter_batched(
+                || BytesMut::from(stream),
+                |buf| count(buf, depth),
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
 }
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn bench(c: &mut Criterion) {
-    let (stream, facts) = stream();
-    let mut g = c.benchmark_group("decode");
-    g.throughput(Throughput::Bytes(stream.len() as u64));
-    // The copy into a fresh read buffer is setup, outside the timing.
-    let input = || BytesMut::from(&stream[..]);
-    let run = |b: &mut criterion::Bencher, pgoutput, envelope| {
-        b.iter_batched(
-            input,
-            |buf| count(buf, pgoutput, envelope),
-            BatchSize::LargeInput,
-        )
-    };
-    g.bench_function("frames", |b| run(b, false, false));
-    g.bench_function("frames+pgoutput", |b| run(b, true, false));
-    g.bench_function("frames+pgoutput+envelope", |b| run(b, true, true));
-    g.throughput(Throughput::Elements(facts));
-    g.bench_function("facts", |b| run(b, true, true));
-    g.finish();
+    group(c, "decode", &common::fixture_stream(), &DECODE);
+    group(c, "relay-stream", &common::relay_stream(), &RELAY_STREAM);
 }
 
 criterion_group!(benches, bench);

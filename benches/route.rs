@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use crossbeam::queue::ArrayQueue;
-use factlib::fact::Fact;
+use factlib::fact::view::{decode_view, FactView};
+use factlib::fact::{encode, Fact};
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
 use factlib::pgwire::pgoutput::{DecodeContext, PgOutput};
 use factlib::pgwire::replication::ReplicationMessage;
 use factlib::route::{partition_for_key, Rings, TopicTemplate};
-use factlib::sink::record::{fact_record, Record, ValueMode};
+use factlib::sink::record::{fact_record, HeaderSet, Record, RecordShape, ValueMode};
 use factlib::Lsn;
 
 // The allocator the relay binary uses (`src/main.rs`), so allocation costs
@@ -38,7 +39,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const KEYS: usize = 1024;
 /// Partitions of the destination topic.
 const PARTITIONS: u32 = 64;
-/// The relay's defaults: `--rings 64`, `--ring-capacity 8192`, one flusher.
+/// Wider than the relay's defaults (`--rings 16`, `--ring-capacity 1024`),
+/// so a batch of keys spreads over many rings.
 const RINGS: usize = 64;
 const RING_CAPACITY: usize = 8192;
 /// What a flusher takes from one ring at a time (`sink::flusher::BATCH`).
@@ -143,9 +145,8 @@ fn bench_route(c: &mut Criterion) {
 /// One fact of the fixture, as the relay has it when it builds the record.
 #[derive(Clone)]
 struct Decoded {
-    fact: Fact,
-    /// The message content the fact was decoded from.
-    envelope: Bytes,
+    /// The fact, holding the message content it was decoded from.
+    fact: FactView,
     /// The commit LSN for a transactional fact, the message's own otherwise.
     lsn: Lsn,
 }
@@ -174,12 +175,8 @@ fn fixture_facts() -> Vec<Decoded> {
                     Some(c) if m.transactional => c,
                     _ => m.lsn,
                 };
-                if let Ok(fact) = factlib::fact::decode(m.content.clone()) {
-                    facts.push(Decoded {
-                        fact,
-                        envelope: m.content,
-                        lsn,
-                    });
+                if let Ok(fact) = decode_view(m.content) {
+                    facts.push(Decoded { fact, lsn });
                 }
             }
             _ => {}
@@ -199,9 +196,18 @@ fn bench_record(c: &mut Criterion) {
     // `fact_record` takes the fact by value, so each batch gets a fresh copy
     // (setup, untimed). The records are dropped untimed too: in the relay
     // librdkafka takes their headers, the relay never frees them.
+    let shape = |value, headers| RecordShape { value, headers };
     for (name, mode) in [
-        ("envelope", ValueMode::Envelope),
-        ("payload", ValueMode::Payload),
+        ("envelope", shape(ValueMode::Envelope, HeaderSet::Standard)),
+        ("payload", shape(ValueMode::Payload, HeaderSet::Standard)),
+        (
+            "envelope-full-headers",
+            shape(ValueMode::Envelope, HeaderSet::Full),
+        ),
+        (
+            "envelope-minimal-headers",
+            shape(ValueMode::Envelope, HeaderSet::Minimal),
+        ),
     ] {
         g.bench_function(BenchmarkId::new("fact_record", name), |b| {
             b.iter_batched(
@@ -213,7 +219,6 @@ fn bench_record(c: &mut Criterion) {
                         .map(|(i, d)| {
                             fact_record(
                                 d.fact,
-                                d.envelope,
                                 mode,
                                 d.lsn,
                                 Arc::clone(&topic),
@@ -236,7 +241,7 @@ fn bench_record(c: &mut Criterion) {
         .map(|d| {
             let f = &d.fact;
             let name = template
-                .render(PREFIX, &f.aggregate_type, &f.event_type)
+                .render(PREFIX, f.aggregate_type(), f.event_type())
                 .expect("every fixture fact has a legal topic");
             (name.clone(), Arc::from(name))
         })
@@ -251,15 +256,14 @@ fn bench_record(c: &mut Criterion) {
                     .filter_map(|(i, d)| {
                         let f = d.fact;
                         let name = template
-                            .render(PREFIX, &f.aggregate_type, &f.event_type)
+                            .render(PREFIX, f.aggregate_type(), f.event_type())
                             .ok()?;
                         let topic = Arc::clone(names.get(&name)?);
-                        let partition = partition_for_key(f.aggregate_id.as_bytes(), PARTITIONS);
+                        let partition = partition_for_key(f.aggregate_id().as_bytes(), PARTITIONS);
                         let partition = i32::try_from(partition).ok()?;
                         Some(fact_record(
                             f,
-                            d.envelope,
-                            ValueMode::Envelope,
+                            shape(ValueMode::Envelope, HeaderSet::Standard),
                             d.lsn,
                             topic,
                             partition,
@@ -275,26 +279,28 @@ fn bench_record(c: &mut Criterion) {
 }
 
 /// `n` records as the relay builds them (`fact_record`: shared topic, key
-/// and value `Bytes`, headers), the value a slice of one shared buffer as
-/// values are slices of WAL frames. Built once, untimed; the ring benches
-/// only move them.
+/// and value `Bytes` slicing the envelope, headers). Built once, untimed;
+/// the ring benches only move them.
 fn records(n: usize) -> Vec<Record> {
     let topic: Arc<str> = Arc::from("factlib.order");
-    let envelope = Bytes::from((0..=255u8).collect::<Vec<u8>>());
+    let payload = Bytes::from((0..=255u8).collect::<Vec<u8>>());
     (0..n)
         .map(|i| {
-            let fact = Fact {
+            let envelope = Bytes::from(encode(&Fact {
                 id: format!("0190f0c1-0000-7000-8000-{i:012x}"),
                 aggregate_type: "order".to_owned(),
                 aggregate_id: format!("order-{}", 10_000 + i),
                 event_type: "order.placed".to_owned(),
-                payload: envelope.slice(16..),
+                payload: payload.clone(),
                 ..Fact::default()
-            };
+            }));
+            let fact = decode_view(envelope).expect("a valid envelope");
             fact_record(
                 fact,
-                envelope.clone(),
-                ValueMode::Envelope,
+                RecordShape {
+                    value: ValueMode::Envelope,
+                    headers: HeaderSet::Standard,
+                },
                 Lsn(0x100),
                 Arc::clone(&topic),
                 i32::try_from(i % RINGS).unwrap_or(0),

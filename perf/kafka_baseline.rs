@@ -38,7 +38,10 @@ fn main() {
         .set("bootstrap.servers", &brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("compression.type", "lz4")
+        .set(
+            "compression.type",
+            std::env::var("COMPRESSION").unwrap_or_else(|_| "lz4".into()),
+        )
         .set("linger.ms", "1")
         .set("batch.size", "1048576")
         .set("batch.num.messages", "10000")
@@ -58,33 +61,38 @@ fn main() {
         created_at: 1_795_000_000_000_000_000,
         ..Default::default()
     }));
+    // HEADERS=n sends only the first n of these four headers, to show what
+    // they cost. The default, 3, is the relay's `--headers standard` for a
+    // fact without metadata or trace info; 4 is `--headers full`.
+    let n_headers: usize = std::env::var("HEADERS")
+        .ok()
+        .and_then(|h| h.parse().ok())
+        .unwrap_or(3);
     let keys: Vec<String> = (0..1000).map(|k| format!("order-{k}")).collect();
     let start = Instant::now();
     for i in 0..n {
         let key = &keys[i % keys.len()];
         let partition = i32::try_from(partition_for_key(key.as_bytes(), partitions)).unwrap_or(0);
-        let headers = OwnedHeaders::new_with_capacity(4)
-            .insert(Header {
-                key: "factlib-id",
-                value: Some("01a21900-0000-7000-8000-000000000000"),
-            })
-            .insert(Header {
-                key: "factlib-event-type",
-                value: Some("order.placed"),
-            })
-            .insert(Header {
-                key: "factlib-aggregate-type",
-                value: Some("order"),
-            })
-            .insert(Header {
-                key: "factlib-lsn",
-                value: Some("0/1A2B3C4D"),
+        let all = [
+            ("factlib-lsn", "0/1A2B3C4D"),
+            ("factlib-id", "01a21900-0000-7000-8000-000000000000"),
+            ("factlib-event-type", "order.placed"),
+            ("factlib-aggregate-type", "order"),
+        ];
+        let mut headers = OwnedHeaders::new_with_capacity(n_headers);
+        for (key, value) in &all[..n_headers.min(all.len())] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(*value),
             });
+        }
         let mut rec = BaseRecord::to(&topic)
             .key(key.as_str())
             .payload(&value[..])
-            .partition(partition)
-            .headers(headers);
+            .partition(partition);
+        if n_headers > 0 {
+            rec = rec.headers(headers);
+        }
         loop {
             match producer.send(rec) {
                 Ok(()) => break,

@@ -237,6 +237,13 @@ pub struct RelayArgs {
     #[arg(long, env = "FACTLIB_VALUE", value_enum, default_value_t = crate::sink::ValueMode::Envelope)]
     pub value: crate::sink::ValueMode,
 
+    /// Which Kafka headers each fact's record carries: `standard` (id, event
+    /// type, LSN, metadata entries, trace context), `full` (standard plus the
+    /// aggregate type), or `minimal` (the LSN only; the rest stays in the
+    /// envelope). Each header costs librdkafka CPU per record.
+    #[arg(long, env = "FACTLIB_HEADERS", value_enum, default_value_t = crate::sink::record::HeaderSet::Standard)]
+    pub headers: crate::sink::record::HeaderSet,
+
     /// Compression of Kafka batches.
     #[arg(long, env = "FACTLIB_COMPRESSION", value_enum, default_value_t = Compression::Lz4)]
     pub compression: Compression,
@@ -351,8 +358,9 @@ pub struct SourceArgs {
     pub read_buffer: u64,
 
     /// Read batches queued between the socket reader and the decoder before
-    /// the reader stops reading (backpressure).
-    #[arg(long, env = "FACTLIB_READ_QUEUE", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    /// the reader stops reading (backpressure). Each batch can hold a whole
+    /// read buffer of WAL in memory.
+    #[arg(long, env = "FACTLIB_READ_QUEUE", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub read_queue: u64,
 
     /// Give up connecting after this many milliseconds.

@@ -35,9 +35,61 @@ impl Lsn {
     }
 }
 
+/// The `X/Y` text of an [`Lsn`], formatted on the stack (no allocation).
+#[derive(Clone, Copy)]
+pub struct LsnText {
+    buf: [u8; 17],
+    len: u8,
+}
+
+impl LsnText {
+    /// The text as bytes (ASCII).
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..usize::from(self.len)).unwrap_or_default()
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
+impl LsnText {
+    fn push(&mut self, c: u8) {
+        if let Some(slot) = self.buf.get_mut(usize::from(self.len)) {
+            *slot = c;
+            self.len += 1;
+        }
+    }
+
+    /// Appends `half` in upper-case hex without leading zeros.
+    fn push_hex(&mut self, half: u32) {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let digits = (8 - half.leading_zeros() / 4).max(1);
+        for i in (0..digits).rev() {
+            let nibble = (half >> (i * 4)) & 0xF;
+            self.push(HEX.get(nibble as usize).copied().unwrap_or(b'0'));
+        }
+    }
+}
+
+impl Lsn {
+    /// The `X/Y` form (same as `Display`) without allocating.
+    pub fn text(self) -> LsnText {
+        let mut out = LsnText {
+            buf: [0; 17],
+            len: 0,
+        };
+        out.push_hex((self.0 >> 32) as u32);
+        out.push(b'/');
+        out.push_hex((self.0 & 0xFFFF_FFFF) as u32);
+        out
+    }
+}
+
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+        f.pad(self.text().as_str())
     }
 }
 
@@ -121,6 +173,13 @@ mod tests {
         #[test]
         fn display_parse_round_trip(v: u64) {
             prop_assert_eq!(Lsn(v).to_string().parse::<Lsn>().unwrap(), Lsn(v));
+        }
+
+        #[test]
+        fn text_is_postgres_form(v: u64) {
+            let want = format!("{:X}/{:X}", v >> 32, v & 0xFFFF_FFFF);
+            let text = Lsn(v).text();
+            prop_assert_eq!(text.as_str(), want.as_str());
         }
 
         #[test]

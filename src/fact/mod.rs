@@ -5,7 +5,14 @@
 //!
 //! ```text
 //!  LogicalMessage.content (Bytes) ──► decode ──► Fact { payload: Bytes (zero-copy), … }
+//!                                 └─► view::decode_view ──► FactView { the content itself,
+//!                                                           field positions in it }
 //! ```
+//!
+//! [`decode`] is prost's decoder; [`view::decode_view`] is the hot-path one:
+//! allocation-free for facts without metadata, one reference-counted handle
+//! per fact (the content, moved in), and it accepts exactly what [`decode`]
+//! accepts, with equal content.
 //!
 //! **Invariants**
 //! - Field numbers match the Go Factlib `OutboxEvent`, so bytes written by the
@@ -23,6 +30,10 @@ pub mod pb {
 }
 
 pub use pb::{Fact, TraceInfo};
+
+pub mod view;
+
+pub use view::{decode_view, decode_view_or_return, FactView, TraceRef};
 
 /// The default logical-message prefix that marks a fact.
 pub const DEFAULT_PREFIX: &str = "factlib";

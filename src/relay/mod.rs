@@ -32,7 +32,7 @@ use crate::lsn::Lsn;
 use crate::progress::{ProgressError, Token, Tracker};
 use crate::route::{Rings, RouteError, TopicTemplate};
 use crate::sink::topics::{CreateTopics, Topics};
-use crate::sink::{Delivery, KafkaProducer, ProducerConfig, Record, SinkError, ValueMode};
+use crate::sink::{Delivery, KafkaProducer, ProducerConfig, Record, RecordShape, SinkError};
 use crate::source::{effective_transport, ReplicationStream, SourceError};
 use crate::telemetry::{self, ProgressReporter};
 
@@ -99,13 +99,15 @@ impl Opaque {
 pub(crate) struct Shared {
     prefix: String,
     template: TopicTemplate,
-    value: ValueMode,
+    shape: RecordShape,
     topics: Topics,
     rings: Arc<Rings<Record>>,
     generation: u32,
     /// The newest record of the open transaction, pushed when the next one
     /// arrives or, marked as the batch end, at Commit.
     held: Option<(usize, Record)>,
+    /// The previous fact's route (see `session::route`).
+    last_route: Option<session::LastRoute>,
 }
 
 /// How a session ended.
@@ -165,11 +167,15 @@ pub async fn run(
     let mut sh = Shared {
         prefix: common.prefix.clone(),
         template,
-        value: args.value,
+        shape: RecordShape {
+            value: args.value,
+            headers: args.headers,
+        },
         topics: Topics::new(producer.clone(), create),
         rings: Arc::clone(&rings),
         generation: 0,
         held: None,
+        last_route: None,
     };
     let mut tracker = Tracker::new(Lsn::INVALID);
     let mut backoff = Backoff::new(Duration::from_millis(args.max_backoff_ms));

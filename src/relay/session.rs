@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  XLogData ──pgoutput──► Begin/Commit ──► progress (units)
-//!                    └──► Message(prefix) ──fact::decode──► route (topic, partition, ring)
+//!                    └──► Message(prefix) ──fact::decode_view_or_return──► route (topic, partition, ring)
 //!                                                  └─► sink::record ──► rings ──► flushers
 //!                                   (undecodable or unroutable) ──► dead-letter record
 //!  Keepalive ──► progress.keepalive (only when nothing is in flight)
@@ -28,6 +28,7 @@ use crate::pgwire::replication::ReplicationMessage;
 use crate::progress::Tracker;
 use crate::route::murmur2::partition_for_key;
 use crate::sink::record::{dead_letter, fact_record};
+use crate::sink::topics::TopicInfo;
 use crate::sink::Record;
 use crate::source::ReplicationStream;
 use crate::telemetry;
@@ -112,27 +113,22 @@ async fn message(
         token,
     }
     .into_raw();
-    let rec = match fact::decode(m.content.clone()) {
-        Ok(f) => match sh
-            .template
-            .render(&sh.prefix, &f.aggregate_type, &f.event_type)
-        {
-            Ok(topic) => {
-                let info = sh.topics.get(&topic).await?;
-                let partition = partition_for_key(f.aggregate_id.as_bytes(), info.partitions);
+    // The content moves into the view (no clone); it comes back for a dead
+    // letter.
+    let rec = match fact::decode_view_or_return(m.content) {
+        Ok(f) => match route(sh, f.aggregate_type(), f.event_type()).await? {
+            Ok(info) => {
+                let partition = partition_for_key(f.aggregate_id().as_bytes(), info.partitions);
                 let ring = ring_of(info.ring_base, partition, sh.rings.ring_count());
-                let (name, partition) = (
-                    Arc::clone(&info.name),
-                    i32::try_from(partition).unwrap_or(0),
-                );
+                let partition = i32::try_from(partition).unwrap_or(0);
                 (
                     ring,
-                    fact_record(f, m.content, sh.value, lsn, name, partition, opaque),
+                    fact_record(f, sh.shape, lsn, info.name, partition, opaque),
                 )
             }
-            Err(e) => dead(sh, m.content, &e.to_string(), lsn, opaque).await?,
+            Err(e) => dead(sh, f.into_envelope(), &e, lsn, opaque).await?,
         },
-        Err(e) => dead(sh, m.content, &e.to_string(), lsn, opaque).await?,
+        Err((e, raw)) => dead(sh, raw, &e.to_string(), lsn, opaque).await?,
     };
     let (ring, mut rec) = rec;
     if m.transactional {
@@ -147,6 +143,41 @@ async fn message(
     }
     telemetry::produced(1);
     Ok(())
+}
+
+/// The previous fact's route, reused while facts keep the same types (the
+/// common case: a transaction's facts are often about one aggregate type).
+pub(super) struct LastRoute {
+    aggregate_type: String,
+    event_type: String,
+    info: TopicInfo,
+}
+
+/// The destination topic of a fact with these types, or why it has none
+/// (a definite error for the fact: it goes to the DLQ). Renders the
+/// template and looks the topic up only when the types differ from the
+/// previous fact's.
+async fn route(
+    sh: &mut Shared,
+    aggregate_type: &str,
+    event_type: &str,
+) -> Result<Result<TopicInfo, String>, RelayError> {
+    if let Some(last) = &sh.last_route {
+        if last.aggregate_type == aggregate_type && last.event_type == event_type {
+            return Ok(Ok(last.info.clone()));
+        }
+    }
+    let topic = match sh.template.render(&sh.prefix, aggregate_type, event_type) {
+        Ok(topic) => topic,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let info = sh.topics.get(&topic).await?.clone();
+    sh.last_route = Some(LastRoute {
+        aggregate_type: aggregate_type.to_owned(),
+        event_type: event_type.to_owned(),
+        info: info.clone(),
+    });
+    Ok(Ok(info))
 }
 
 fn ring_of(base: usize, partition: u32, rings: usize) -> usize {

@@ -24,7 +24,7 @@ pub mod record;
 pub mod topics;
 
 pub use kafka::{Delivery, KafkaProducer, ProducerConfig, SendOutcome};
-pub use record::{Record, ValueMode};
+pub use record::{HeaderSet, Record, RecordShape, ValueMode};
 
 use rdkafka::error::KafkaError;
 

@@ -171,7 +171,7 @@ impl ReplicationStream {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "host did not resolve"),
             })?;
         let read_buffer = usize::try_from(args.read_buffer).unwrap_or(1 << 20);
-        let queue = usize::try_from(args.read_queue).unwrap_or(64);
+        let queue = usize::try_from(args.read_queue).unwrap_or(4);
         let connecting = transport::connect(args.transport, addr, read_buffer, queue);
         let (writer, rx) =
             tokio::time::timeout(Duration::from_millis(args.connect_timeout_ms), connecting)
