@@ -1,7 +1,9 @@
-//! Fact envelope (protobuf) decoder.
+//! Fact envelope (protobuf) decoders.
 //!
-//! Anything that decodes must survive encode → decode unchanged, re-encode to
-//! the same bytes, and keep `payload` a zero-copy slice of the input.
+//! The relay's zero-copy view (`fact::decode_view`) must agree with prost on
+//! every input: both fail, or both give the same fact. Anything that decodes
+//! must survive encode → decode unchanged, re-encode to the same bytes, and
+//! keep `payload` a zero-copy slice of the input.
 #![no_main]
 
 use bytes::Bytes;
@@ -10,7 +12,14 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let input = Bytes::copy_from_slice(data);
-    let Ok(f) = fact::decode(input.clone()) else { return };
+    let prost = fact::decode(input.clone());
+    let view = fact::decode_view(input.clone());
+    match (&prost, &view) {
+        (Ok(p), Ok(v)) => assert_eq!(*p, v.to_fact(), "the view and prost disagree"),
+        (Err(_), Err(_)) => {}
+        (p, v) => panic!("prost gave {p:?}, the view gave {v:?}"),
+    }
+    let Ok(f) = prost else { return };
 
     if !f.payload.is_empty() {
         let o = input.as_ptr() as usize;

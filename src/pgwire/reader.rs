@@ -73,9 +73,14 @@ impl Reader {
         Ok(self.buf.get_u64())
     }
 
-    /// `n` bytes as a zero-copy slice.
+    /// `n` bytes as a zero-copy slice. When they are everything left (a
+    /// Message's content is), the buffer's own handle is handed over, which
+    /// saves a reference-count increment and decrement.
     pub fn bytes(&mut self, what: &'static str, n: usize) -> Result<Bytes, DecodeError> {
         self.need(what, n)?;
+        if n == self.buf.len() {
+            return Ok(self.rest());
+        }
         Ok(self.buf.split_to(n))
     }
 
@@ -159,6 +164,20 @@ mod tests {
         assert_eq!(r.remaining(), 1, "a failed read consumes nothing");
         assert_eq!(r.u8("tail").unwrap(), 1);
         assert!(r.finish("msg").is_ok());
+    }
+
+    #[test]
+    fn the_last_field_is_the_input_itself() {
+        let input = Bytes::from(b"\x00\x00\x00\x03abc".to_vec());
+        let mut r = Reader::new(input.clone());
+        let last = r.len_prefixed("x", false).unwrap().unwrap();
+        assert_eq!(last, "abc");
+        assert_eq!(last.as_ptr(), input[4..].as_ptr(), "zero-copy");
+        assert_eq!(r.remaining(), 0);
+        assert!(r.finish("msg").is_ok());
+        let mut r = Reader::new(input.clone());
+        assert_eq!(r.bytes("x", 2).unwrap(), &b"\x00\x00"[..]);
+        assert_eq!(r.remaining(), 5, "a shorter read leaves the rest");
     }
 
     #[test]
