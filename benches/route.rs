@@ -232,7 +232,8 @@ fn bench_record(c: &mut Criterion) {
             )
         });
     }
-    // What `relay::session` does per fact after decoding it: render the
+    // What `relay::session` does for a fact whose types differ from the
+    // previous fact's (it reuses the previous route otherwise): render the
     // topic, look its shared name up (a plain map here, standing in for the
     // topic-metadata cache, which also holds the partition count), pick the
     // partition, build the record.

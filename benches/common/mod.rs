@@ -1,6 +1,10 @@
 //! Input shared by the benches: golden fixtures (captured from PostgreSQL
 //! 15, see tests/fixtures/README.md) repeated to about 8 MiB.
 
+use bytes::BytesMut;
+use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
+use factlib::pgwire::replication::ReplicationMessage;
+
 /// How long the repeated streams are, at least.
 const STREAM_LEN: usize = 8 << 20;
 
@@ -16,25 +20,17 @@ pub fn fixture_stream() -> Vec<u8> {
 #[allow(dead_code)] // not every bench that shares this module uses it
 pub fn relay_stream() -> Vec<u8> {
     let one = fixture("single_fact");
-    let mut txn = Vec::new();
-    let mut tags = Vec::new();
-    let mut rest = &one[..];
-    while !rest.is_empty() {
-        // A CopyData frame: 'd', Int32 length including itself, body.
-        let len = rest
-            .get(1..5)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-            .map(u32::from_be_bytes)
-            .and_then(|n| usize::try_from(n).ok())
-            .expect("a whole frame header");
-        let (frame, tail) = rest.split_at_checked(1 + len).expect("a whole frame");
-        // The body's first byte: 'w' XLogData (then 24 bytes of LSNs and
-        // clock, then the pgoutput tag) or 'k' keepalive.
-        if frame.get(5) == Some(&b'w') {
-            tags.push(*frame.get(30).expect("a pgoutput tag"));
-            txn.extend_from_slice(frame);
+    let mut buf = BytesMut::from(&one[..]);
+    let (mut txn, mut tags, mut at) = (Vec::new(), Vec::new(), 0);
+    while let Some(m) = backend::parse(&mut buf, DEFAULT_MAX_FRAME).expect("golden frames parse") {
+        let end = one.len() - buf.len();
+        if let Backend::CopyData(body) = m {
+            if let Ok(ReplicationMessage::XLogData(x)) = ReplicationMessage::parse(body) {
+                tags.push(*x.data.first().expect("a pgoutput tag"));
+                txn.extend_from_slice(one.get(at..end).expect("the frame just parsed"));
+            }
         }
-        rest = tail;
+        at = end;
     }
     assert_eq!(
         tags, b"BMC",

@@ -59,7 +59,8 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn sample() -> Fact {
+    /// A fact with every field set; also used by `view`'s tests.
+    pub(super) fn sample() -> Fact {
         Fact {
             id: "0190f0c1-0000-7000-8000-000000000001".into(),
             aggregate_type: "order".into(),
@@ -71,7 +72,7 @@ mod tests {
             trace_info: Some(TraceInfo {
                 trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
                 span_id: "00f067aa0ba902b7".into(),
-                metadata: BTreeMap::new(),
+                metadata: BTreeMap::from([("tracestate".into(), "k=v".into())]),
             }),
         }
     }

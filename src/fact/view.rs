@@ -1248,20 +1248,7 @@ mod tests {
 
     #[test]
     fn sample_decodes_and_borrows() {
-        let fact = Fact {
-            id: "0190f0c1-0000-7000-8000-000000000001".into(),
-            aggregate_type: "order".into(),
-            aggregate_id: "o-1".into(),
-            event_type: "order.placed".into(),
-            payload: Bytes::from_static(b"{\"total\":42}"),
-            created_at: 1_700_000_000_123_456_789,
-            metadata: BTreeMap::from([("tenant".into(), "acme".into())]),
-            trace_info: Some(TraceInfo {
-                trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
-                span_id: "00f067aa0ba902b7".into(),
-                metadata: BTreeMap::from([("tracestate".into(), "k=v".into())]),
-            }),
-        };
+        let fact = crate::fact::tests::sample();
         let input = Bytes::from(fact.encode_to_vec());
         let v = decode_view(input.clone()).unwrap();
         assert_eq!(v.to_fact(), fact);
