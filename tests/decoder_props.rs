@@ -1,19 +1,23 @@
 //! Property tests for the sans-io decoders: pgoutput round trips against an
 //! independent encoder written from PostgreSQL's "Logical Replication Message
 //! Formats", and "never panics" over arbitrary and mutated input for the
-//! pgoutput, replication (CopyBoth) and backend framing decoders.
+//! pgoutput, replication (CopyBoth) and backend framing decoders. On every
+//! input, the borrowed decoders (`ReplicationRef`, `PgOutputRef`) agree with
+//! the owned ones, and framing by runs (`parse_run`) with framing one
+//! message at a time (`parse`).
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 
 use factlib::lsn::Lsn;
-use factlib::pgwire::backend::{self, DEFAULT_MAX_FRAME};
+use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
 use factlib::pgwire::pgoutput::{
     Begin, BeginPrepare, Column, Commit, CommitPrepared, DecodeContext, Delete, Insert,
-    LogicalMessage, OldTuple, Origin, PgOutput, Prepare, Relation, RollbackPrepared, StreamAbort,
-    StreamAbortInfo, StreamCommit, StreamStart, Truncate, TupleData, TupleValue, TypeMsg, Update,
+    LogicalMessage, OldTuple, Origin, PgOutput, PgOutputRef, Prepare, Relation, RollbackPrepared,
+    StreamAbort, StreamAbortInfo, StreamCommit, StreamStart, Truncate, TupleData, TupleValue,
+    TypeMsg, Update,
 };
-use factlib::pgwire::replication::ReplicationMessage;
+use factlib::pgwire::replication::{ReplicationMessage, ReplicationRef};
 
 /// Every pgoutput tag, for inputs that get past the tag dispatch.
 const PGOUTPUT_TAGS: &[u8] = b"BCMORYIUDTSEcAbPKrp";
@@ -564,9 +568,106 @@ fn feed_all(input: &[u8]) {
             let _ = PgOutput::decode(x.data.clone(), ctx);
         }
     }
+    check_borrowed_decoders_agree(&bytes);
+    // The framing ways must agree, whatever the input.
+    assert_eq!(framed(input, false), framed(input, true));
+}
+
+/// What framing a stream gave: every message (a CopyData as its body), then
+/// how it ended and how much input was left.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Body(Vec<u8>),
+    Other(String),
+    Error(String),
+    Left(usize),
+}
+
+/// Frames `input` with `backend::parse`, or with `backend::parse_run`
+/// (each run walked with `next_body`, which must agree with `bodies`).
+fn framed(input: &[u8], runs: bool) -> Vec<Seen> {
     let mut buf = BytesMut::from(input);
-    // Each Ok(Some) consumes at least the 5-byte header, so this ends.
-    while let Ok(Some(_)) = backend::parse(&mut buf, DEFAULT_MAX_FRAME) {}
+    let mut seen = Vec::new();
+    loop {
+        let before = buf.len();
+        let got = if runs {
+            backend::parse_run(&mut buf, DEFAULT_MAX_FRAME)
+        } else {
+            backend::parse(&mut buf, DEFAULT_MAX_FRAME)
+        };
+        match got {
+            Ok(Some(Backend::CopyData(b))) => {
+                assert!(!runs, "parse_run never returns a lone CopyData");
+                seen.push(Seen::Body(b.to_vec()));
+            }
+            Ok(Some(Backend::CopyRun(mut run))) => {
+                let peeked: Vec<Vec<u8>> = run.bodies().map(<[u8]>::to_vec).collect();
+                let mut walked = Vec::new();
+                while let Some(r) = run.next_body() {
+                    walked.push(run.bytes()[r].to_vec());
+                }
+                assert_eq!(peeked, walked, "bodies() and next_body() agree");
+                assert!(!walked.is_empty(), "a run holds at least one message");
+                assert_eq!(run.bodies().count(), 0, "a walked run is empty");
+                seen.extend(walked.into_iter().map(Seen::Body));
+            }
+            Ok(Some(other)) => seen.push(Seen::Other(format!("{other:?}"))),
+            Ok(None) => {
+                assert_eq!(buf.len(), before, "Ok(None) consumes nothing");
+                seen.push(Seen::Left(buf.len()));
+                return seen;
+            }
+            Err(e) => {
+                seen.push(Seen::Error(e.to_string()));
+                seen.push(Seen::Left(buf.len()));
+                return seen;
+            }
+        }
+        assert!(buf.len() < before, "a message consumes input");
+    }
+}
+
+/// The borrowed decoders agree with the owned ones on any input.
+fn check_borrowed_decoders_agree(bytes: &Bytes) {
+    match (
+        ReplicationRef::parse(bytes),
+        ReplicationMessage::parse(bytes.clone()),
+    ) {
+        (Ok(ReplicationRef::Keepalive(a)), Ok(ReplicationMessage::Keepalive(b))) => {
+            assert_eq!(a, b)
+        }
+        (Ok(ReplicationRef::XLogData(a)), Ok(ReplicationMessage::XLogData(b))) => {
+            assert_eq!(
+                (a.wal_start, a.wal_end, a.server_clock, a.data),
+                (b.wal_start, b.wal_end, b.server_clock, &b.data[..])
+            );
+        }
+        (Err(a), Err(b)) => assert_eq!(a, b),
+        (a, b) => panic!("replication decoders disagree: {a:?} vs {b:?}"),
+    }
+    for ctx in CONTEXTS {
+        let owned = PgOutput::decode(bytes.clone(), ctx);
+        match (PgOutputRef::decode(bytes, ctx), owned) {
+            (Ok(PgOutputRef::Begin(a)), Ok(PgOutput::Begin(b))) => assert_eq!(a, b),
+            (Ok(PgOutputRef::Commit(a)), Ok(PgOutput::Commit(b))) => assert_eq!(a, b),
+            (Ok(PgOutputRef::Message(a)), Ok(PgOutput::Message(b))) => {
+                assert_eq!(
+                    (a.xid, a.transactional, a.lsn, a.prefix, a.content),
+                    (b.xid, b.transactional, b.lsn, &b.prefix[..], &b.content[..])
+                );
+                assert_eq!(
+                    a.content.as_ptr(),
+                    b.content.as_ptr(),
+                    "the owned content is the input's tail"
+                );
+            }
+            (Ok(PgOutputRef::Other), _) => {
+                assert!(!matches!(bytes.first(), Some(b'B' | b'C' | b'M')));
+            }
+            (Err(a), Err(b)) => assert_eq!(a, b),
+            (a, b) => panic!("pgoutput decoders disagree: {a:?} vs {b:?}"),
+        }
+    }
 }
 
 /// `tag` + body as a backend frame with a correct length.
@@ -662,6 +763,32 @@ proptest! {
         let mut v = frame(tag, &body);
         v.extend_from_slice(&tail);
         feed_all(&v);
+    }
+
+    #[test]
+    fn runs_frame_a_stream_as_single_messages_do(
+        frames in prop::collection::vec(
+            (prop::sample::select(b"ddddddNcZ?".to_vec()), prop::collection::vec(any::<u8>(), 0..64)),
+            0..24,
+        ),
+        cut in any::<prop::sample::Index>(),
+        bad_len: bool,
+    ) {
+        let mut stream = Vec::new();
+        for (tag, body) in &frames {
+            stream.extend_from_slice(&frame(*tag, body));
+        }
+        if bad_len && !stream.is_empty() {
+            // A negative length somewhere: both ways must stop there.
+            let at = cut.index(stream.len());
+            stream.splice(at..at, frame(b'd', b"").iter().copied().take(1).chain([0xff; 4]));
+        }
+        prop_assert_eq!(framed(&stream, true), framed(&stream, false));
+        // Fed in two reads, as a socket might deliver it.
+        let at = cut.index(stream.len() + 1);
+        for end in [at, stream.len()] {
+            prop_assert_eq!(framed(&stream[..end], true), framed(&stream[..end], false));
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use pb::{Fact, TraceInfo};
 
 pub mod view;
 
-pub use view::{decode_view, decode_view_or_return, FactView, TraceRef};
+pub use view::{decode_view, decode_view_or_return, FactView, TextField, TraceRef};
 
 /// The default logical-message prefix that marks a fact.
 pub const DEFAULT_PREFIX: &str = "factlib";

@@ -13,6 +13,7 @@
 //!       │                    entries as span pairs, trace_info as spans too
 //!       └── moved into the FactView, beside the spans
 //!              ├── id(), aggregate_type(), …, metadata(), trace_info() ──► &str borrowed from it
+//!              ├── utf8(TextField) ──► the same strings as bytes, not checked a second time
 //!              ├── aggregate_id_bytes(), payload() ──► Bytes slices of it (a count increment)
 //!              └── into_envelope(), into_payload() ──► the handle itself (no count change)
 //! ```
@@ -96,7 +97,33 @@ struct TraceFields {
     metadata: Vec<Entry>,
 }
 
+/// A string field of the envelope, for [`FactView::utf8`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextField {
+    /// [`FactView::id`]
+    Id,
+    /// [`FactView::aggregate_type`]
+    AggregateType,
+    /// [`FactView::aggregate_id`]
+    AggregateId,
+    /// [`FactView::event_type`]
+    EventType,
+}
+
 impl FactView {
+    /// A string field's bytes, UTF-8 as checked while decoding. The hot
+    /// path's accessor: the `&str` ones check the bytes again (the crate
+    /// forbids `unsafe`), which costs about as much as decoding the field.
+    pub fn utf8(&self, field: TextField) -> &[u8] {
+        let span = match field {
+            TextField::Id => self.fields.id,
+            TextField::AggregateType => self.fields.aggregate_type,
+            TextField::AggregateId => self.fields.aggregate_id,
+            TextField::EventType => self.fields.event_type,
+        };
+        span.bytes_in(&self.envelope)
+    }
+
     /// A UUIDv7, unique per fact.
     pub fn id(&self) -> &str {
         self.fields.id.str_in(&self.envelope)
@@ -479,6 +506,14 @@ impl<'a> Reader<'a> {
     /// A base-128 varint of at most 10 bytes whose value fits a `u64` (the
     /// tenth byte is 0 or 1), as prost's `decode_varint`.
     fn varint(&mut self) -> Result<u64, Malformed> {
+        // Keys and short lengths are one byte: the common case, inline.
+        if let Some((&byte, tail)) = self.rest.split_first() {
+            if byte < 0x80 {
+                self.rest = tail;
+                self.at += 1;
+                return Ok(u64::from(byte));
+            }
+        }
         let mut value = 0u64;
         for (i, &byte) in self.rest.iter().take(10).enumerate() {
             value |= u64::from(byte & 0x7f) << (7 * i);
@@ -686,6 +721,14 @@ mod tests {
                 );
                 for s in all_strs(&v).into_iter().filter(|s| !s.is_empty()) {
                     prop_assert!(inside(&b, s.as_bytes()), "{s:?} is a copy");
+                }
+                for (field, text) in [
+                    (TextField::Id, v.id()),
+                    (TextField::AggregateType, v.aggregate_type()),
+                    (TextField::AggregateId, v.aggregate_id()),
+                    (TextField::EventType, v.event_type()),
+                ] {
+                    prop_assert_eq!(v.utf8(field), text.as_bytes(), "{:?}", field);
                 }
                 let (key, payload) = (v.aggregate_id_bytes(), v.payload());
                 prop_assert_eq!(&key[..], v.aggregate_id().as_bytes());

@@ -1,7 +1,8 @@
 //! Backend (server → client) message framing.
 //!
-//! The hot path is CopyData (`d`): its body is cut out of the read buffer as
-//! a zero-copy `Bytes` slice. Error and notice responses are decoded here so
+//! The hot path is CopyData (`d`): [`parse_run`] cuts every whole CopyData
+//! message at the front of the read buffer as one zero-copy [`CopyRun`],
+//! whose bodies the caller decodes in place; [`parse`] cuts one message. Error and notice responses are decoded here so
 //! their SQLSTATE reaches the user; the handful of other messages seen during
 //! startup and simple queries are handed to `postgres-protocol`.
 //!
@@ -10,8 +11,11 @@
 //!   frame when it returns a message, or a `DecodeError` for a malformed body
 //!   (after which the connection cannot be trusted and is dropped).
 //! - A frame longer than `max_frame` is rejected before any allocation.
+//! - A [`CopyRun`] holds only whole CopyData frames whose headers were
+//!   checked, so walking it cannot fail; [`parse_run`] never returns
+//!   `Backend::CopyData`.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::message::backend::Message;
 
 use super::{DecodeError, Reader};
@@ -23,6 +27,8 @@ pub const DEFAULT_MAX_FRAME: usize = (1 << 30) + 4096;
 pub enum Backend {
     /// A CopyData body (inside CopyBoth: XLogData or keepalive).
     CopyData(Bytes),
+    /// Consecutive whole CopyData messages, cut at once by [`parse_run`].
+    CopyRun(CopyRun),
     /// The server entered CopyBoth mode (START_REPLICATION accepted).
     CopyBothResponse,
     /// The server entered CopyOut mode.
@@ -41,6 +47,7 @@ impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Backend::CopyData(b) => write!(f, "CopyData({} bytes)", b.len()),
+            Backend::CopyRun(r) => write!(f, "CopyRun({} bytes)", r.buf.len()),
             Backend::CopyBothResponse => f.write_str("CopyBothResponse"),
             Backend::CopyOutResponse => f.write_str("CopyOutResponse"),
             Backend::CopyDone => f.write_str("CopyDone"),
@@ -112,15 +119,13 @@ impl ServerError {
     }
 }
 
-/// Cuts one backend message off the front of `buf`.
-///
-/// Returns `Ok(None)` (consuming nothing) until a whole message is buffered.
-pub fn parse(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Backend>, DecodeError> {
-    if buf.len() < 5 {
+/// The tag and whole length (header included) of the message at the front
+/// of `buf`, or `None` until its header is buffered.
+fn header(buf: &[u8], max_frame: usize) -> Result<Option<(u8, usize)>, DecodeError> {
+    let Some(&[tag, a, b, c, d]) = buf.get(..5) else {
         return Ok(None);
-    }
-    let tag = buf[0];
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    };
+    let len = i32::from_be_bytes([a, b, c, d]);
     let body_len = usize::try_from(len)
         .ok()
         .and_then(|l| l.checked_sub(4))
@@ -129,7 +134,96 @@ pub fn parse(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Backend>, De
             what: "backend message",
             len: i64::from(len),
         })?;
-    let total = 5 + body_len;
+    Ok(Some((tag, 5 + body_len)))
+}
+
+/// Like [`parse`], but when whole CopyData messages lead `buf`, cuts all of
+/// them at once as one [`Backend::CopyRun`]: one `Bytes` handle for the
+/// lot, not one per message. A run stops before the first message that is
+/// not CopyData, not whole, or malformed; the next call returns that one
+/// (or its error), as [`parse`] does.
+pub fn parse_run(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Backend>, DecodeError> {
+    let mut at = 0;
+    while let Some(rest) = buf.get(at..) {
+        match header(rest, max_frame) {
+            Ok(Some((b'd', total))) if total <= rest.len() => at += total,
+            _ => break,
+        }
+    }
+    if at == 0 {
+        return parse(buf, max_frame);
+    }
+    Ok(Some(Backend::CopyRun(CopyRun {
+        buf: buf.split_to(at).freeze(),
+        at: 0,
+    })))
+}
+
+/// Whole CopyData messages, still framed, cut from the read buffer as one
+/// `Bytes`. Only [`parse_run`] builds one, after checking every header, so
+/// walking it cannot fail.
+#[derive(Clone, Default)]
+pub struct CopyRun {
+    buf: Bytes,
+    at: usize,
+}
+
+impl CopyRun {
+    /// The next message's body as a range of [`Self::bytes`], consumed;
+    /// `None` after the last.
+    pub fn next_body(&mut self) -> Option<std::ops::Range<usize>> {
+        let (body, next) = frame_at(&self.buf, self.at)?;
+        self.at = next;
+        Some(body)
+    }
+
+    /// A run of one message, framed around a copy of `body` (for a
+    /// CopyData that [`parse`] cut on its own).
+    pub fn from_body(body: &[u8]) -> Self {
+        let len = u32::try_from(body.len() + 4).unwrap_or(u32::MAX);
+        let mut buf = BytesMut::with_capacity(body.len() + 5);
+        buf.put_u8(b'd');
+        buf.put_u32(len);
+        buf.put_slice(body);
+        CopyRun {
+            buf: buf.freeze(),
+            at: 0,
+        }
+    }
+
+    /// The run's framed bytes; bodies index into them.
+    pub fn bytes(&self) -> &Bytes {
+        &self.buf
+    }
+
+    /// The bodies `next_body` has not returned yet, without consuming them.
+    pub fn bodies(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut at = self.at;
+        std::iter::from_fn(move || {
+            let (body, next) = frame_at(&self.buf, at)?;
+            at = next;
+            self.buf.get(body)
+        })
+    }
+}
+
+/// The body range of the frame at `at` and where the next frame starts.
+fn frame_at(buf: &[u8], at: usize) -> Option<(std::ops::Range<usize>, usize)> {
+    let &[_, a, b, c, d] = buf.get(at..at.checked_add(5)?)? else {
+        return None;
+    };
+    let len = usize::try_from(u32::from_be_bytes([a, b, c, d])).ok()?;
+    let end = at.checked_add(1)?.checked_add(len)?;
+    (end <= buf.len() && len >= 4).then_some((at + 5..end, end))
+}
+
+/// Cuts one backend message off the front of `buf`.
+///
+/// Returns `Ok(None)` (consuming nothing) until a whole message is buffered.
+pub fn parse(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Backend>, DecodeError> {
+    let Some((tag, total)) = header(buf, max_frame)? else {
+        return Ok(None);
+    };
     if buf.len() < total {
         // The caller reads more; nothing is allocated on the header's word.
         return Ok(None);
@@ -213,6 +307,37 @@ mod tests {
             Some(Backend::CopyDone)
         ));
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn cuts_whole_copy_data_as_one_run() {
+        let mut bytes = frame(b'd', b"one");
+        bytes.extend_from_slice(&frame(b'd', b""));
+        bytes.extend_from_slice(&frame(b'd', b"three"));
+        bytes.extend_from_slice(&frame(b'c', b""));
+        bytes.extend_from_slice(&frame(b'd', b"four"));
+        bytes.extend_from_slice(&frame(b'd', b"fiv"));
+        let mut buf = BytesMut::from(&bytes[..bytes.len() - 1]);
+        let Some(Backend::CopyRun(mut run)) = parse_run(&mut buf, DEFAULT_MAX_FRAME).unwrap()
+        else {
+            panic!("a run")
+        };
+        let whole = run.bytes().clone();
+        let mut bodies = Vec::new();
+        while let Some(r) = run.next_body() {
+            bodies.push(whole[r].to_vec());
+        }
+        assert_eq!(bodies, [&b"one"[..], b"", b"three"]);
+        assert!(matches!(
+            parse_run(&mut buf, DEFAULT_MAX_FRAME).unwrap(),
+            Some(Backend::CopyDone)
+        ));
+        let Some(Backend::CopyRun(run)) = parse_run(&mut buf, DEFAULT_MAX_FRAME).unwrap() else {
+            panic!("a run")
+        };
+        assert_eq!(run.bodies().collect::<Vec<_>>(), [b"four"]);
+        assert!(parse_run(&mut buf, DEFAULT_MAX_FRAME).unwrap().is_none());
+        assert_eq!(buf.len(), 7, "the partial frame waits for more");
     }
 
     #[test]

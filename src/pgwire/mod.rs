@@ -6,9 +6,12 @@
 //! status update) and pgoutput decoding.
 //!
 //! ```text
-//!  socket bytes ──► backend::parse ──► CopyData(Bytes)
-//!                                         └─► replication::ReplicationMessage
-//!                                                └─ XLogData.data ──► pgoutput::PgOutput
+//!  socket bytes ──► backend::parse_run ──► CopyRun (whole CopyData frames, one Bytes)
+//!                                            └─ body (&[u8]) ──► replication::ReplicationRef
+//!                                                  └─ XLogRef.data ──► pgoutput::PgOutputRef
+//!                                                        (Begin / Commit / Message, in place)
+//!  owned forms, one Bytes per message: backend::parse ──► CopyData(Bytes)
+//!      ──► ReplicationMessage ──► PgOutput (every message type)
 //! ```
 //!
 //! **Invariants**
@@ -16,7 +19,10 @@
 //!   times in, and get messages and bytes out.
 //! - No input makes a decoder panic. Every length is checked before it is
 //!   used; a malformed frame is a [`DecodeError`].
-//! - Decoded bodies are zero-copy `Bytes` slices of the frame they came from.
+//! - Decoded bodies are zero-copy: borrowed slices of a run in the `…Ref`
+//!   forms, `Bytes` slices of the frame in the owned forms. Each owned
+//!   decoder is built on its borrowed counterpart where one exists, so the
+//!   two cannot disagree.
 
 pub mod backend;
 pub mod pgoutput;
@@ -24,7 +30,7 @@ pub mod reader;
 pub mod replication;
 pub mod startup;
 
-pub use reader::Reader;
+pub use reader::{Cursor, Reader};
 
 /// A frame or message from the server that could not be decoded.
 ///

@@ -35,9 +35,9 @@
 //! - `LogicalMessage::prefix`, `LogicalMessage::content`, every name and
 //!   every [`TupleValue`] payload are zero-copy `Bytes` slices of the input.
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
-use super::{DecodeError, Reader};
+use super::{Cursor, DecodeError, Reader};
 use crate::lsn::Lsn;
 
 /// Stream state the byte layout depends on.
@@ -392,6 +392,54 @@ pub struct RollbackPrepared {
     pub gid: Bytes,
 }
 
+/// The messages a messages-only publication streams, decoded from a
+/// borrowed payload: Begin, Commit and Message are decoded in place, so no
+/// `Bytes` handle is made; every other message is `Other`, left for
+/// [`PgOutput::decode`]. [`PgOutput::decode`] uses this for those three
+/// tags, so the two decoders cannot disagree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgOutputRef<'a> {
+    /// `B`
+    Begin(Begin),
+    /// `C`
+    Commit(Commit),
+    /// `M`
+    Message(MessageRef<'a>),
+    /// Any other tag, unread (an unknown tag included).
+    Other,
+}
+
+/// [`LogicalMessage`] borrowed from its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRef<'a> {
+    /// The xid, present only inside a streamed transaction.
+    pub xid: Option<u32>,
+    /// See [`LogicalMessage::transactional`].
+    pub transactional: bool,
+    /// The LSN of the message.
+    pub lsn: Lsn,
+    /// The prefix, without its NUL.
+    pub prefix: &'a [u8],
+    /// The content: always the payload's tail.
+    pub content: &'a [u8],
+}
+
+impl<'a> PgOutputRef<'a> {
+    /// Decodes a Begin, Commit or Message payload (the whole XLogData
+    /// payload); any other tag gives `Other` and reads nothing.
+    pub fn decode(data: &'a [u8], ctx: DecodeContext) -> Result<Self, DecodeError> {
+        let mut r = Cursor::new(data);
+        let (msg, what) = match r.u8("pgoutput tag")? {
+            b'B' => (PgOutputRef::Begin(begin(&mut r)?), "Begin"),
+            b'C' => (PgOutputRef::Commit(commit(&mut r)?), "Commit"),
+            b'M' => (PgOutputRef::Message(message(&mut r, ctx)?), "Message"),
+            _ => return Ok(PgOutputRef::Other),
+        };
+        r.finish(what)?;
+        Ok(msg)
+    }
+}
+
 /// Smallest encoding of one Relation column: flags, empty name, oid, typmod.
 const MIN_COLUMN_LEN: usize = 1 + 1 + 4 + 4;
 /// Smallest encoding of one tuple value: its kind byte.
@@ -401,13 +449,35 @@ const TRUNCATE_OID_LEN: usize = 4;
 
 impl PgOutput {
     /// Decodes one pgoutput message (the whole XLogData payload).
-    pub fn decode(data: Bytes, ctx: DecodeContext) -> Result<PgOutput, DecodeError> {
+    pub fn decode(mut data: Bytes, ctx: DecodeContext) -> Result<PgOutput, DecodeError> {
+        // Begin, Commit and Message have one decoder, the borrowed one.
+        let m = match PgOutputRef::decode(&data, ctx)? {
+            PgOutputRef::Begin(b) => return Ok(PgOutput::Begin(b)),
+            PgOutputRef::Commit(c) => return Ok(PgOutput::Commit(c)),
+            PgOutputRef::Message(m) => Some((
+                data.slice_ref(m.prefix),
+                data.len() - m.content.len(),
+                m.xid,
+                m.transactional,
+                m.lsn,
+            )),
+            PgOutputRef::Other => None,
+        };
+        if let Some((prefix, content_at, xid, transactional, lsn)) = m {
+            // The content is the input's tail: hand the input's own handle
+            // over rather than make another.
+            data.advance(content_at);
+            return Ok(PgOutput::Message(LogicalMessage {
+                xid,
+                transactional,
+                lsn,
+                prefix,
+                content: data,
+            }));
+        }
         let mut r = Reader::new(data);
         let tag = r.u8("pgoutput tag")?;
         let (msg, what) = match tag {
-            b'B' => (PgOutput::Begin(begin(&mut r)?), "Begin"),
-            b'C' => (PgOutput::Commit(commit(&mut r)?), "Commit"),
-            b'M' => (PgOutput::Message(message(&mut r, ctx)?), "Message"),
             b'O' => (PgOutput::Origin(origin(&mut r)?), "Origin"),
             b'R' => (PgOutput::Relation(relation(&mut r, ctx)?), "Relation"),
             b'Y' => (PgOutput::Type(type_msg(&mut r, ctx)?), "Type"),
@@ -501,25 +571,29 @@ fn capped(r: &Reader, n: usize, min_len: usize) -> usize {
     n.min(r.remaining() / min_len)
 }
 
-fn begin(r: &mut Reader) -> Result<Begin, DecodeError> {
+fn begin(r: &mut Cursor<'_>) -> Result<Begin, DecodeError> {
     Ok(Begin {
-        final_lsn: lsn(r, "Begin final_lsn")?,
+        final_lsn: Lsn(r.u64("Begin final_lsn")?),
         commit_ts: r.i64("Begin commit_ts")?,
         xid: r.u32("Begin xid")?,
     })
 }
 
-fn commit(r: &mut Reader) -> Result<Commit, DecodeError> {
+fn commit(r: &mut Cursor<'_>) -> Result<Commit, DecodeError> {
     Ok(Commit {
         flags: r.u8("Commit flags")?,
-        commit_lsn: lsn(r, "Commit commit_lsn")?,
-        end_lsn: lsn(r, "Commit end_lsn")?,
+        commit_lsn: Lsn(r.u64("Commit commit_lsn")?),
+        end_lsn: Lsn(r.u64("Commit end_lsn")?),
         commit_ts: r.i64("Commit commit_ts")?,
     })
 }
 
-fn message(r: &mut Reader, ctx: DecodeContext) -> Result<LogicalMessage, DecodeError> {
-    let xid = streamed_xid(r, ctx, "Message xid")?;
+fn message<'a>(r: &mut Cursor<'a>, ctx: DecodeContext) -> Result<MessageRef<'a>, DecodeError> {
+    let xid = if ctx.in_streamed_txn {
+        Some(r.u32("Message xid")?)
+    } else {
+        None
+    };
     let flags = r.u8("Message flags")?;
     if flags & !LogicalMessage::FLAG_TRANSACTIONAL != 0 {
         return Err(DecodeError::InvalidValue {
@@ -527,12 +601,12 @@ fn message(r: &mut Reader, ctx: DecodeContext) -> Result<LogicalMessage, DecodeE
             value: i64::from(flags),
         });
     }
-    let lsn = lsn(r, "Message lsn")?;
+    let lsn = Lsn(r.u64("Message lsn")?);
     let prefix = r.cstr_bytes("Message prefix")?;
     let content = r
         .len_prefixed("Message content", false)?
         .unwrap_or_default();
-    Ok(LogicalMessage {
+    Ok(MessageRef {
         xid,
         transactional: flags & LogicalMessage::FLAG_TRANSACTIONAL != 0,
         lsn,
@@ -923,6 +997,30 @@ mod tests {
         // Begin never carries a leading xid, streamed or not.
         assert_eq!(decode(&b, STREAMED).unwrap(), decode(&b, PLAIN).unwrap());
         assert_eq!(decode(&b, PLAIN).unwrap().tag(), b'B');
+    }
+
+    #[test]
+    fn borrowed_decode_reads_begin_commit_message_and_leaves_the_rest() {
+        let b = message_bytes(1);
+        let Ok(PgOutputRef::Message(m)) = PgOutputRef::decode(&b, DecodeContext::default()) else {
+            panic!("a message")
+        };
+        assert_eq!(m.content.as_ptr(), b[b.len() - m.content.len()..].as_ptr());
+        assert!(matches!(
+            PgOutputRef::decode(&begin_bytes(), DecodeContext::default()),
+            Ok(PgOutputRef::Begin(_))
+        ));
+        for other in [
+            update_bytes(),
+            relation_bytes(),
+            Bytes::from_static(b"?junk"),
+        ] {
+            assert_eq!(
+                PgOutputRef::decode(&other, DecodeContext::default()),
+                Ok(PgOutputRef::Other)
+            );
+        }
+        assert!(PgOutputRef::decode(&begin_bytes()[..5], DecodeContext::default()).is_err());
     }
 
     #[test]

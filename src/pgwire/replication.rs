@@ -4,13 +4,15 @@
 //! Client → server: standby status update (`r`).
 //!
 //! **Invariants**
-//! - `XLogData::data` is a zero-copy slice of the CopyData body.
+//! - `XLogData::data` is a zero-copy slice of the CopyData body, and
+//!   [`ReplicationRef`] decodes the same layout from a borrowed body (the
+//!   owned form is built from it, so the two cannot disagree).
 //! - An encoded status update always has `write >= flush >= apply`: the
 //!   positions are clamped on encode, and checked with `debug_assert!`.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::{DecodeError, Reader};
+use super::{Cursor, DecodeError};
 use crate::lsn::Lsn;
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
@@ -63,21 +65,63 @@ pub enum ReplicationMessage {
 }
 
 impl ReplicationMessage {
+    /// Decodes a CopyData body. `XLogData::data` is the body's own handle,
+    /// advanced past the header: no reference count is touched.
+    pub fn parse(mut body: Bytes) -> Result<Self, DecodeError> {
+        let msg = match ReplicationRef::parse(&body)? {
+            ReplicationRef::Keepalive(k) => return Ok(ReplicationMessage::Keepalive(k)),
+            ReplicationRef::XLogData(x) => (x.wal_start, x.wal_end, x.server_clock),
+        };
+        body.advance(XLogRef::HEADER_LEN);
+        let (wal_start, wal_end, server_clock) = msg;
+        Ok(ReplicationMessage::XLogData(XLogData {
+            wal_start,
+            wal_end,
+            server_clock,
+            data: body,
+        }))
+    }
+}
+
+/// [`XLogData`] borrowed from its CopyData body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XLogRef<'a> {
+    /// See [`XLogData::wal_start`].
+    pub wal_start: Lsn,
+    /// See [`XLogData::wal_end`].
+    pub wal_end: Lsn,
+    /// Server clock at send time, PostgreSQL-epoch microseconds.
+    pub server_clock: i64,
+    /// The pgoutput message: the rest of the body.
+    pub data: &'a [u8],
+}
+
+impl XLogRef<'_> {
+    /// Bytes before `data`: the tag and three 8-byte fields.
+    pub const HEADER_LEN: usize = 1 + 8 * 3;
+}
+
+/// [`ReplicationMessage`] borrowed from its CopyData body: decoding it
+/// makes no `Bytes` handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationRef<'a> {
+    /// `w`
+    XLogData(XLogRef<'a>),
+    /// `k`
+    Keepalive(Keepalive),
+}
+
+impl<'a> ReplicationRef<'a> {
     /// Decodes a CopyData body.
-    pub fn parse(body: Bytes) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(body);
+    pub fn parse(body: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut r = Cursor::new(body);
         match r.u8("replication message tag")? {
-            b'w' => {
-                let wal_start = Lsn(r.u64("XLogData wal_start")?);
-                let wal_end = Lsn(r.u64("XLogData wal_end")?);
-                let server_clock = r.i64("XLogData clock")?;
-                Ok(ReplicationMessage::XLogData(XLogData {
-                    wal_start,
-                    wal_end,
-                    server_clock,
-                    data: r.rest(),
-                }))
-            }
+            b'w' => Ok(ReplicationRef::XLogData(XLogRef {
+                wal_start: Lsn(r.u64("XLogData wal_start")?),
+                wal_end: Lsn(r.u64("XLogData wal_end")?),
+                server_clock: r.i64("XLogData clock")?,
+                data: r.rest(),
+            })),
             b'k' => {
                 let wal_end = Lsn(r.u64("keepalive wal_end")?);
                 let server_clock = r.i64("keepalive clock")?;
@@ -89,7 +133,7 @@ impl ReplicationMessage {
                     });
                 }
                 r.finish("keepalive")?;
-                Ok(ReplicationMessage::Keepalive(Keepalive {
+                Ok(ReplicationRef::Keepalive(Keepalive {
                     wal_end,
                     server_clock,
                     reply_requested: reply == 1,

@@ -29,6 +29,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::{CommonArgs, ConnectionConfig, RelayArgs};
 use crate::lsn::Lsn;
+use crate::pgwire::backend::CopyRun;
 use crate::progress::{ProgressError, Token, Tracker};
 use crate::route::{Rings, RouteError, TopicTemplate};
 use crate::sink::topics::{CreateTopics, Topics};
@@ -265,6 +266,7 @@ async fn session(
     let mut last_confirm = Instant::now();
     let mut txn = None;
     let mut stopping = false;
+    let mut run = CopyRun::default();
 
     loop {
         apply_acks(tracker, acks, sh.generation)?;
@@ -296,19 +298,22 @@ async fn session(
         .into_iter()
         .flatten()
         .min();
-        let interrupt = async {
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = stop.changed(), if !stopping => {}
-                _ = sleep_until(deadline) => {}
+        let Some(body) = run.next_body() else {
+            let interrupt = async {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = stop.changed(), if !stopping => {}
+                    _ = sleep_until(deadline) => {}
+                }
+            };
+            match stream.next_run_or(interrupt).await {
+                Ok(Some(r)) => run = r,
+                Ok(None) => {}
+                Err(e) => return lost(e),
             }
+            continue;
         };
-        let msg = match stream.next_or(interrupt).await {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(e) => return lost(e),
-        };
-        match session::handle(sh, &mut stream, tracker, &mut txn, msg).await {
+        match session::handle(sh, &mut stream, tracker, &mut txn, &run, body).await {
             Ok(()) => {}
             Err(RelayError::Source(e)) => return lost(e),
             Err(e) => return Err(e),

@@ -2,7 +2,7 @@
 //! handed to the stage that owns it.
 //!
 //! ```text
-//!  XLogData ──pgoutput──► Begin/Commit ──► progress (units)
+//!  CopyRun body ──ReplicationRef, PgOutputRef (in place)──► Begin/Commit ──► progress (units)
 //!                    └──► Message(prefix) ──fact::decode_view_or_return──► route (topic, partition, ring)
 //!                                                  └─► sink::record ──► rings ──► flushers
 //!                                   (undecodable or unroutable) ──► dead-letter record
@@ -15,22 +15,24 @@
 //! - Pushing waits while the ring is full, sending standby status updates
 //!   meanwhile so the walsender does not time us out.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::{Opaque, RelayError, Shared};
-use crate::fact;
+use crate::fact::{self, FactView, TextField};
 use crate::lsn::Lsn;
-use crate::pgwire::pgoutput::{DecodeContext, LogicalMessage, PgOutput};
-use crate::pgwire::replication::ReplicationMessage;
+use crate::pgwire::backend::CopyRun;
+use crate::pgwire::pgoutput::{DecodeContext, MessageRef, PgOutput, PgOutputRef};
+use crate::pgwire::replication::ReplicationRef;
 use crate::progress::Tracker;
 use crate::route::murmur2::partition_for_key;
 use crate::sink::record::{dead_letter, fact_record};
 use crate::sink::topics::TopicInfo;
 use crate::sink::Record;
-use crate::source::ReplicationStream;
+use crate::source::{ReplicationStream, SourceError};
 use crate::telemetry;
 
 /// The open transaction, if any.
@@ -40,31 +42,37 @@ pub(super) struct Txn {
     pub commit_lsn: Lsn,
 }
 
-/// Handles one message from the stream.
+/// Handles one message of a run from the stream: the body at `body` in
+/// `run`. Begin, Commit and Message are decoded in place; only a fact's
+/// envelope becomes a `Bytes` handle.
 pub(super) async fn handle(
     sh: &mut Shared,
     stream: &mut ReplicationStream,
     tracker: &mut Tracker,
     txn: &mut Option<Txn>,
-    msg: ReplicationMessage,
+    run: &CopyRun,
+    body: Range<usize>,
 ) -> Result<(), RelayError> {
-    let x = match msg {
-        ReplicationMessage::Keepalive(k) => {
+    let bytes = run.bytes();
+    let body = bytes
+        .get(body)
+        .ok_or(RelayError::Internal("a run's body lies outside the run"))?;
+    let x = match ReplicationRef::parse(body).map_err(SourceError::Decode)? {
+        ReplicationRef::Keepalive(k) => {
             tracker.keepalive(k.wal_end);
             return Ok(());
         }
-        ReplicationMessage::XLogData(x) => x,
+        ReplicationRef::XLogData(x) => x,
     };
-    match PgOutput::decode(x.data, DecodeContext::default())
-        .map_err(crate::source::SourceError::Decode)?
-    {
-        PgOutput::Begin(b) => {
+    let ctx = DecodeContext::default();
+    match PgOutputRef::decode(x.data, ctx).map_err(SourceError::Decode)? {
+        PgOutputRef::Begin(b) => {
             tracker.begin()?;
             *txn = Some(Txn {
                 commit_lsn: b.final_lsn,
             });
         }
-        PgOutput::Commit(c) => {
+        PgOutputRef::Commit(c) => {
             tracker.commit(c.end_lsn)?;
             *txn = None;
             // The transaction's last record closes its batch.
@@ -73,20 +81,25 @@ pub(super) async fn handle(
                 push(sh, stream, ring, rec).await?;
             }
         }
-        PgOutput::Message(m) => message(sh, stream, tracker, *txn, m).await?,
-        _ => {}
+        PgOutputRef::Message(m) => message(sh, stream, tracker, *txn, m, bytes).await?,
+        // Nothing else matters to the relay, but it must still decode.
+        PgOutputRef::Other => {
+            PgOutput::decode(bytes.slice_ref(x.data), ctx).map_err(SourceError::Decode)?;
+        }
     }
     Ok(())
 }
 
+/// A logical message; `run` holds its bytes.
 async fn message(
     sh: &mut Shared,
     stream: &mut ReplicationStream,
     tracker: &mut Tracker,
     txn: Option<Txn>,
-    m: LogicalMessage,
+    m: MessageRef<'_>,
+    run: &Bytes,
 ) -> Result<(), RelayError> {
-    if m.prefix[..] != *sh.prefix.as_bytes() {
+    if m.prefix != sh.prefix.as_bytes() {
         if !m.transactional {
             tracker.lone(m.lsn, false);
         }
@@ -113,12 +126,12 @@ async fn message(
         token,
     }
     .into_raw();
-    // The content moves into the view (no clone); it comes back for a dead
-    // letter.
-    let rec = match fact::decode_view_or_return(m.content) {
-        Ok(f) => match route(sh, f.aggregate_type(), f.event_type()).await? {
+    // The envelope's one handle moves into the view; it comes back for a
+    // dead letter.
+    let rec = match fact::decode_view_or_return(run.slice_ref(m.content)) {
+        Ok(f) => match route(sh, &f).await? {
             Ok(info) => {
-                let partition = partition_for_key(f.aggregate_id().as_bytes(), info.partitions);
+                let partition = partition_for_key(f.utf8(TextField::AggregateId), info.partitions);
                 let ring = ring_of(info.ring_base, partition, sh.rings.ring_count());
                 let partition = i32::try_from(partition).unwrap_or(0);
                 (
@@ -157,16 +170,15 @@ pub(super) struct LastRoute {
 /// (a definite error for the fact: it goes to the DLQ). Renders the
 /// template and looks the topic up only when the types differ from the
 /// previous fact's.
-async fn route(
-    sh: &mut Shared,
-    aggregate_type: &str,
-    event_type: &str,
-) -> Result<Result<TopicInfo, String>, RelayError> {
+async fn route(sh: &mut Shared, f: &FactView) -> Result<Result<TopicInfo, String>, RelayError> {
     if let Some(last) = &sh.last_route {
-        if last.aggregate_type == aggregate_type && last.event_type == event_type {
+        if last.aggregate_type.as_bytes() == f.utf8(TextField::AggregateType)
+            && last.event_type.as_bytes() == f.utf8(TextField::EventType)
+        {
             return Ok(Ok(last.info.clone()));
         }
     }
+    let (aggregate_type, event_type) = (f.aggregate_type(), f.event_type());
     let topic = match sh.template.render(&sh.prefix, aggregate_type, event_type) {
         Ok(topic) => topic,
         Err(e) => return Ok(Err(e.to_string())),

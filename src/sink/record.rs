@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
 
-use crate::fact::view::{FactView, TraceRef};
+use crate::fact::view::{FactView, TextField, TraceRef};
 use crate::lsn::Lsn;
 
 /// What the record's value holds.
@@ -163,11 +163,11 @@ pub fn fact_record(
         HeaderSet::Full => 6 + fact.metadata_len(),
     });
     if set != HeaderSet::Minimal {
-        headers.add(header::ID, fact.id().as_bytes());
-        headers.add(header::EVENT_TYPE, fact.event_type().as_bytes());
+        headers.add(header::ID, fact.utf8(TextField::Id));
+        headers.add(header::EVENT_TYPE, fact.utf8(TextField::EventType));
     }
     if set == HeaderSet::Full {
-        headers.add(header::AGGREGATE_TYPE, fact.aggregate_type().as_bytes());
+        headers.add(header::AGGREGATE_TYPE, fact.utf8(TextField::AggregateType));
     }
     headers.add(header::LSN, lsn.as_bytes());
     if set != HeaderSet::Minimal {

@@ -27,8 +27,10 @@ use tokio::time::Instant;
 
 use crate::config::{ConnectionConfig, SourceArgs, Transport};
 use crate::lsn::Lsn;
-use crate::pgwire::backend::{Backend, ServerError};
-use crate::pgwire::replication::{unix_to_pg_micros, ReplicationMessage, StandbyStatusUpdate};
+use crate::pgwire::backend::{Backend, CopyRun, ServerError};
+use crate::pgwire::replication::{
+    unix_to_pg_micros, ReplicationMessage, ReplicationRef, StandbyStatusUpdate,
+};
 use crate::pgwire::startup::{
     QueryStatus, Ready, SimpleQuery, Startup, StartupError, StartupParams,
 };
@@ -142,10 +144,15 @@ pub struct SystemIdentity {
     pub dbname: Option<String>,
 }
 
+/// What ends a wait for input early (see [`ReplicationStream::next_or`]).
+type Interrupt<'a, 'f> = std::pin::Pin<&'a mut (dyn std::future::Future<Output = ()> + 'f)>;
+
 /// A replication connection.
 pub struct ReplicationStream {
     rx: mpsc::Receiver<ReadBatch>,
     pending: VecDeque<Backend>,
+    /// The run `next` is taking messages from.
+    run: CopyRun,
     writer: Writer,
     out: BytesMut,
     ready: Ready,
@@ -184,6 +191,7 @@ impl ReplicationStream {
         let mut s = ReplicationStream {
             rx,
             pending: VecDeque::new(),
+            run: CopyRun::default(),
             writer,
             out: BytesMut::with_capacity(1024),
             ready: Ready::default(),
@@ -375,22 +383,58 @@ impl ReplicationStream {
         self.next_inner(Some(std::pin::pin!(interrupt))).await
     }
 
-    async fn next_inner(
+    async fn next_inner<'f>(
         &mut self,
-        mut interrupt: Option<std::pin::Pin<&mut dyn std::future::Future<Output = ()>>>,
+        mut interrupt: Option<Interrupt<'_, 'f>>,
     ) -> Result<Option<ReplicationMessage>, SourceError> {
+        loop {
+            if let Some(body) = self.run.next_body() {
+                let body = self.run.bytes().slice(body);
+                return Ok(Some(ReplicationMessage::parse(body)?));
+            }
+            match self
+                .run_inner(interrupt.as_mut().map(|f| f.as_mut()))
+                .await?
+            {
+                Some(run) => self.run = run,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The rest of the current run of messages, or the next one: the
+    /// zero-copy way to read the stream. The caller decodes each body with
+    /// `ReplicationRef::parse`. Keepalives in the run have already raised
+    /// [`Self::server_lsn`] and, when they asked for one, been answered.
+    /// Returns `Ok(None)` when `interrupt` completes while waiting, as
+    /// [`Self::next_or`] does.
+    pub async fn next_run_or<F: std::future::Future<Output = ()>>(
+        &mut self,
+        interrupt: F,
+    ) -> Result<Option<CopyRun>, SourceError> {
+        if self.run.bodies().next().is_some() {
+            return Ok(Some(std::mem::take(&mut self.run)));
+        }
+        self.run_inner(Some(std::pin::pin!(interrupt))).await
+    }
+
+    /// Waits for the next run of CopyData messages, handling everything
+    /// else the server sends meanwhile.
+    async fn run_inner<'f>(
+        &mut self,
+        mut interrupt: Option<Interrupt<'_, 'f>>,
+    ) -> Result<Option<CopyRun>, SourceError> {
         loop {
             while let Some(m) = self.pending.pop_front() {
                 match m {
+                    Backend::CopyRun(run) => {
+                        self.keepalives(&run).await?;
+                        return Ok(Some(run));
+                    }
                     Backend::CopyData(body) => {
-                        let msg = ReplicationMessage::parse(body)?;
-                        if let ReplicationMessage::Keepalive(k) = &msg {
-                            self.server_lsn = self.server_lsn.max(k.wal_end);
-                            if k.reply_requested {
-                                self.send_status(false).await?;
-                            }
-                        }
-                        return Ok(Some(msg));
+                        let run = CopyRun::from_body(&body);
+                        self.keepalives(&run).await?;
+                        return Ok(Some(run));
                     }
                     Backend::ErrorResponse(error) => {
                         return Err(SourceError::Server {
@@ -425,6 +469,23 @@ impl ReplicationStream {
                 _ = interrupted => return Ok(None),
             }
         }
+    }
+
+    /// Takes note of the keepalives in a run as it arrives: the server's
+    /// end of WAL, and a reply at once when one is asked for. A malformed
+    /// body is left for the caller's decode to report.
+    async fn keepalives(&mut self, run: &CopyRun) -> Result<(), SourceError> {
+        let mut reply = false;
+        for body in run.bodies().filter(|b| b.first() == Some(&b'k')) {
+            if let Ok(ReplicationRef::Keepalive(k)) = ReplicationRef::parse(body) {
+                self.server_lsn = self.server_lsn.max(k.wal_end);
+                reply |= k.reply_requested;
+            }
+        }
+        if reply {
+            self.send_status(false).await?;
+        }
+        Ok(())
     }
 
     /// Sends a standby status update if one is due. For callers that are
@@ -479,6 +540,7 @@ impl ReplicationStream {
     /// returns.
     pub async fn shutdown(mut self, wait: Duration) -> Result<(), SourceError> {
         self.pending.clear();
+        self.run = CopyRun::default();
         self.send_status(true).await?;
         let deadline = Instant::now() + wait;
         // The server answers a requested reply with a keepalive, after it has

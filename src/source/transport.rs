@@ -1,14 +1,14 @@
 //! Socket transports for the replication stream: io_uring and plain tokio.
 //!
 //! ```text
-//!   socket ──read──► BytesMut (large, reused) ──backend::parse──► Vec<Backend>
+//!   socket ──read──► BytesMut (large, reused) ──backend::parse_run──► Vec<Backend>
 //!                                                    └─► bounded channel ──► ReplicationStream
 //!   ReplicationStream ──Writer::write_all──► socket
 //! ```
 //!
-//! A dedicated reader task owns the read side. It frames whole messages as
-//! zero-copy `Bytes` slices of its buffer and hands them over in batches,
-//! one batch per read. The channel is bounded: when the consumer falls
+//! A dedicated reader task owns the read side. It cuts whole messages out
+//! of its buffer as zero-copy `Bytes` (each run of CopyData messages as one
+//! `CopyRun`) and hands them over in batches, one batch per read. The channel is bounded: when the consumer falls
 //! behind, the reader stops reading and TCP pushes back on the walsender.
 //!
 //! **Invariants**
@@ -189,7 +189,7 @@ where
         }
         let mut batch = Vec::new();
         loop {
-            match backend::parse(&mut buf, backend::DEFAULT_MAX_FRAME) {
+            match backend::parse_run(&mut buf, backend::DEFAULT_MAX_FRAME) {
                 Ok(Some(m)) => batch.push(m),
                 Ok(None) => break,
                 Err(e) => {
