@@ -271,7 +271,9 @@ async fn session(
     loop {
         apply_acks(tracker, acks, sh.generation)?;
         let mark = tracker.watermark();
-        if mark > stream.confirmed() && last_confirm.elapsed() >= confirm_every {
+        // One clock read per message serves both timers.
+        let now = Instant::now();
+        if mark > stream.confirmed() && now.duration_since(last_confirm) >= confirm_every {
             stream.confirm(mark);
             if let Err(e) = stream.send_status(false).await {
                 return lost(e);
@@ -279,11 +281,9 @@ async fn session(
             telemetry::confirmed();
             last_confirm = Instant::now();
         }
-        if let Some(at) = next_progress {
-            if Instant::now() >= at {
-                reporter.emit(tracker.in_flight(), stream.confirmed(), stream.server_lsn());
-                next_progress = progress_every.map(|d| Instant::now() + d);
-            }
+        if next_progress.is_some_and(|at| now >= at) {
+            reporter.emit(tracker.in_flight(), stream.confirmed(), stream.server_lsn());
+            next_progress = progress_every.map(|d| now + d);
         }
         if *stop.borrow() || args.stop_at_lsn.is_some_and(|at| mark >= at) {
             stopping = true;

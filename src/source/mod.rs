@@ -2,7 +2,8 @@
 //! `START_REPLICATION`, then stream CopyData and send standby feedback.
 //!
 //! ```text
-//!  transport reader task ──batches of Backend──► ReplicationStream::next ──► ReplicationMessage
+//!  transport reader task ──batches of Backend──► ReplicationStream::next_run_or ──► CopyRun (relay)
+//!                                                  └──────────────► ::next ──► ReplicationMessage
 //!  caller ──confirm(lsn)──► ReplicationStream ──status update (flush = confirmed)──► server
 //! ```
 //!
@@ -13,7 +14,8 @@
 //!   confirmed, and never moves backwards.
 //! - A status update goes out at least every `status_interval`, and at once
 //!   when a keepalive asks for a reply, so the walsender never times us out
-//!   while we are healthy.
+//!   while we are healthy. Keepalives are noted (server LSN, reply) as their
+//!   run arrives, before the caller walks it.
 
 pub mod transport;
 
