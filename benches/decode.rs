@@ -104,6 +104,7 @@ fn count(mut buf: BytesMut, depth: Depth) -> u64 {
                 Depth::Frames | Depth::Pgoutput => true,
                 Depth::Prost => factlib::fact::decode(bytes.slice_ref(msg.content)).is_ok(),
                 Depth::View | Depth::OwnedView => {
+                    // (`OwnedView` returned above, through `count_owned`.)
                     factlib::fact::view::decode_view(bytes.slice_ref(msg.content)).is_ok()
                 }
             });

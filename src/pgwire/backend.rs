@@ -15,7 +15,7 @@
 //!   checked, so walking it cannot fail; [`parse_run`] never returns
 //!   `Backend::CopyData`.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::message::backend::Message;
 
 use super::{DecodeError, Reader};
@@ -175,20 +175,6 @@ impl CopyRun {
         let (body, next) = frame_at(&self.buf, self.at)?;
         self.at = next;
         Some(body)
-    }
-
-    /// A run of one message, framed around a copy of `body` (for a
-    /// CopyData that [`parse`] cut on its own).
-    pub fn from_body(body: &[u8]) -> Self {
-        let len = u32::try_from(body.len() + 4).unwrap_or(u32::MAX);
-        let mut buf = BytesMut::with_capacity(body.len() + 5);
-        buf.put_u8(b'd');
-        buf.put_u32(len);
-        buf.put_slice(body);
-        CopyRun {
-            buf: buf.freeze(),
-            at: 0,
-        }
     }
 
     /// The run's framed bytes; bodies index into them.

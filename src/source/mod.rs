@@ -433,10 +433,12 @@ impl ReplicationStream {
                         self.keepalives(&run).await?;
                         return Ok(Some(run));
                     }
-                    Backend::CopyData(body) => {
-                        let run = CopyRun::from_body(&body);
-                        self.keepalives(&run).await?;
-                        return Ok(Some(run));
+                    // The reader frames with `parse_run`, which never
+                    // returns a lone CopyData.
+                    Backend::CopyData(_) => {
+                        return Err(SourceError::Protocol(
+                            "the reader handed over a lone CopyData instead of a run".into(),
+                        ))
                     }
                     Backend::ErrorResponse(error) => {
                         return Err(SourceError::Server {
