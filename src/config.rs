@@ -1,18 +1,28 @@
-//! The command line: one clap [`Cli`] with a sub-struct per stage.
+//! The command line: one clap [`Cli`] with a sub-struct per subcommand,
+//! converted here, in one place, into each stage's own plain settings
+//! struct ([`SourceSettings`], [`SinkSettings`], [`RelaySettings`], …).
 //!
 //! Owns every tunable. Each flag also reads a `FACTLIB_*` environment
 //! variable, and each has a `--help` text that says what it does and its
-//! default.
+//! default. No stage imports this module or clap.
 //!
 //! **Invariants**
-//! - Values are validated here (or in [`ConnectionConfig::from_url`]) so a
+//! - Values are validated here (ranges, names, the URL, the template) so a
 //!   stage never sees a nonsensical setting.
+//! - With no flag given, each conversion yields the stage's `Default`
+//!   (checked by a test), so the library and the command line agree.
 
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::fact::DEFAULT_PREFIX;
+use crate::relay::RelaySettings;
+use crate::route::{RingSettings, RouteError, TopicTemplate};
+use crate::sink::record::{HeaderSet, RecordShape, ValueMode};
+use crate::sink::topics::CreateTopics;
+use crate::sink::{Compression, SinkSettings};
+use crate::source::{ConnectionConfig, SourceSettings, Transport, UrlError};
 
 /// Factlib: relays facts that services write to PostgreSQL's WAL.
 #[derive(Debug, Parser)]
@@ -234,19 +244,19 @@ pub struct RelayArgs {
     pub replication_factor: i32,
 
     /// Record value: the whole protobuf envelope, or only the payload.
-    #[arg(long, env = "FACTLIB_VALUE", value_enum, default_value_t = crate::sink::ValueMode::Envelope)]
-    pub value: crate::sink::ValueMode,
+    #[arg(long, env = "FACTLIB_VALUE", value_enum, default_value_t = ValueArg::Envelope)]
+    pub value: ValueArg,
 
     /// Which Kafka headers each fact's record carries: `standard` (id, event
     /// type, LSN, metadata entries, trace context), `full` (standard plus the
     /// aggregate type), or `minimal` (the LSN only; the rest stays in the
     /// envelope). Each header costs librdkafka CPU per record.
-    #[arg(long, env = "FACTLIB_HEADERS", value_enum, default_value_t = crate::sink::record::HeaderSet::Standard)]
-    pub headers: crate::sink::record::HeaderSet,
+    #[arg(long, env = "FACTLIB_HEADERS", value_enum, default_value_t = HeadersArg::Standard)]
+    pub headers: HeadersArg,
 
     /// Compression of Kafka batches.
-    #[arg(long, env = "FACTLIB_COMPRESSION", value_enum, default_value_t = Compression::Lz4)]
-    pub compression: Compression,
+    #[arg(long, env = "FACTLIB_COMPRESSION", value_enum, default_value_t = CompressionArg::Lz4)]
+    pub compression: CompressionArg,
 
     /// How long the producer waits to fill a batch (linger.ms).
     #[arg(long, env = "FACTLIB_LINGER_MS", default_value_t = 1)]
@@ -268,6 +278,14 @@ pub struct RelayArgs {
     /// bounds memory while Kafka is slow or away.
     #[arg(long, env = "FACTLIB_QUEUE_KBYTES", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=2_097_151))]
     pub queue_kbytes: u64,
+
+    /// Largest record, in bytes, the producer sends (librdkafka
+    /// message.max.bytes); also the max.message.bytes of topics that
+    /// --create-topics makes. A larger fact stops the relay with an error
+    /// naming every limit involved; the broker's message.max.bytes (or an
+    /// existing topic's max.message.bytes) must allow it too.
+    #[arg(long, env = "FACTLIB_MAX_MESSAGE_BYTES", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1000..=1_000_000_000))]
+    pub max_message_bytes: u64,
 
     /// Extra librdkafka producer property `key=value`; repeat for more
     /// (e.g. security.protocol=ssl).
@@ -315,9 +333,9 @@ pub struct RelayArgs {
     pub source: SourceArgs,
 }
 
-/// Kafka batch compression.
+/// `--compression`: [`Compression`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Compression {
+pub enum CompressionArg {
     /// LZ4: fast, the default.
     Lz4,
     /// Zstandard: smaller, more CPU.
@@ -328,14 +346,53 @@ pub enum Compression {
     None,
 }
 
-impl Compression {
-    /// The librdkafka `compression.type` value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Compression::Lz4 => "lz4",
-            Compression::Zstd => "zstd",
-            Compression::Snappy => "snappy",
-            Compression::None => "none",
+impl From<CompressionArg> for Compression {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::Lz4 => Compression::Lz4,
+            CompressionArg::Zstd => Compression::Zstd,
+            CompressionArg::Snappy => Compression::Snappy,
+            CompressionArg::None => Compression::None,
+        }
+    }
+}
+
+/// `--value`: [`ValueMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ValueArg {
+    /// The whole protobuf envelope, as the emitter wrote it.
+    Envelope,
+    /// Only the fact's payload bytes.
+    Payload,
+}
+
+impl From<ValueArg> for ValueMode {
+    fn from(v: ValueArg) -> Self {
+        match v {
+            ValueArg::Envelope => ValueMode::Envelope,
+            ValueArg::Payload => ValueMode::Payload,
+        }
+    }
+}
+
+/// `--headers`: [`HeaderSet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HeadersArg {
+    /// `factlib-id`, `factlib-event-type`, `factlib-lsn`, one per metadata
+    /// entry, and `traceparent`/`tracestate` when the fact is traced.
+    Standard,
+    /// `standard` plus `factlib-aggregate-type`.
+    Full,
+    /// Only `factlib-lsn`; the rest stays inside the envelope value.
+    Minimal,
+}
+
+impl From<HeadersArg> for HeaderSet {
+    fn from(h: HeadersArg) -> Self {
+        match h {
+            HeadersArg::Standard => HeaderSet::Standard,
+            HeadersArg::Full => HeaderSet::Full,
+            HeadersArg::Minimal => HeaderSet::Minimal,
         }
     }
 }
@@ -345,8 +402,8 @@ impl Compression {
 pub struct SourceArgs {
     /// Socket transport for the replication stream: `auto` uses io_uring
     /// when the kernel allows it, else plain tokio.
-    #[arg(long, env = "FACTLIB_TRANSPORT", value_enum, default_value_t = Transport::Auto)]
-    pub transport: Transport,
+    #[arg(long, env = "FACTLIB_TRANSPORT", value_enum, default_value_t = TransportArg::Auto)]
+    pub transport: TransportArg,
 
     /// How often to send a standby status update to the server, in
     /// milliseconds (also sent whenever the server asks).
@@ -369,21 +426,89 @@ pub struct SourceArgs {
 }
 
 impl SourceArgs {
-    /// The status interval as a `Duration`.
-    pub fn status_interval(&self) -> Duration {
-        Duration::from_millis(self.status_interval_ms)
+    /// The replication connection's settings.
+    pub fn settings(&self) -> SourceSettings {
+        SourceSettings {
+            transport: self.transport.into(),
+            status_interval: Duration::from_millis(self.status_interval_ms),
+            read_buffer: to_usize(self.read_buffer),
+            read_queue: to_usize(self.read_queue),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+        }
     }
 }
 
-/// Which socket implementation reads the replication stream.
+/// `--transport`: [`Transport`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Transport {
+pub enum TransportArg {
     /// io_uring if the kernel allows it, else tokio.
     Auto,
     /// io_uring through tokio-uring; fails if unavailable.
     Uring,
     /// Plain tokio (epoll).
     Tokio,
+}
+
+impl From<TransportArg> for Transport {
+    fn from(t: TransportArg) -> Self {
+        match t {
+            TransportArg::Auto => Transport::Auto,
+            TransportArg::Uring => Transport::Uring,
+            TransportArg::Tokio => Transport::Tokio,
+        }
+    }
+}
+
+impl RelayArgs {
+    /// The relay's settings, with the shared options in `common`.
+    pub fn settings(&self, common: &CommonArgs) -> Result<RelaySettings, ConfigError> {
+        let template = TopicTemplate::parse(&self.topic_template)?;
+        template.check(&common.prefix)?;
+        Ok(RelaySettings {
+            connection: ConnectionConfig::from_url(&common.database_url)?,
+            slot: common.slot.clone(),
+            publication: common.publication.clone(),
+            prefix: common.prefix.clone(),
+            template,
+            source: self.source.settings(),
+            sink: SinkSettings {
+                brokers: self.brokers.clone(),
+                compression: self.compression.into(),
+                linger_ms: self.linger_ms,
+                batch_bytes: self.batch_bytes,
+                batch_messages: self.batch_messages,
+                queue_messages: self.queue_messages,
+                queue_kbytes: self.queue_kbytes,
+                max_message_bytes: self.max_message_bytes,
+                extra: self.producer_properties.clone(),
+            },
+            rings: RingSettings {
+                rings: to_usize(self.rings),
+                capacity: to_usize(self.ring_capacity),
+                flushers: to_usize(self.flushers),
+            },
+            shape: RecordShape {
+                value: self.value.into(),
+                headers: self.headers.into(),
+            },
+            create_topics: self.create_topics.then_some(CreateTopics {
+                partitions: self.partitions,
+                replication: self.replication_factor,
+                max_message_bytes: self.max_message_bytes,
+            }),
+            confirm_interval: Duration::from_millis(self.confirm_interval_ms),
+            progress_interval: (self.progress_interval_secs > 0)
+                .then(|| Duration::from_secs(self.progress_interval_secs)),
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+            stop_at_lsn: self.stop_at_lsn,
+        })
+    }
+}
+
+/// Every count flag is range-checked by clap far below `usize::MAX`.
+fn to_usize(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -396,15 +521,12 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 /// A configuration value that cannot work. Definite.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The database URL does not parse.
-    #[error("invalid --database-url: {0}; expected e.g. postgresql://user:password@127.0.0.1:5432/dbname")]
-    DatabaseUrl(#[source] tokio_postgres::Error),
-    /// The URL names no TCP host.
-    #[error("--database-url names no TCP host; the replication client needs host and port (e.g. 127.0.0.1:5432)")]
-    NoTcpHost,
-    /// The URL names no user.
-    #[error("--database-url names no user")]
-    NoUser,
+    /// The database URL is unusable.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// The topic template is unusable.
+    #[error(transparent)]
+    Template(#[from] RouteError),
     /// A name that cannot be used as a slot or publication.
     #[error(
         "invalid {what} name {name:?}: use lowercase letters, digits and underscores (at most 63)"
@@ -415,51 +537,6 @@ pub enum ConfigError {
         /// The name given.
         name: String,
     },
-}
-
-/// Where and how to connect, as parsed from the URL.
-#[derive(Debug, Clone)]
-pub struct ConnectionConfig {
-    /// TCP host.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// Role.
-    pub user: String,
-    /// Password, from the URL or PGPASSWORD.
-    pub password: Option<String>,
-    /// Database name (defaults to the user name, like libpq).
-    pub dbname: String,
-}
-
-impl ConnectionConfig {
-    /// Parses a libpq URL or key/value string.
-    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
-        let cfg: tokio_postgres::Config = url.parse().map_err(ConfigError::DatabaseUrl)?;
-        let host = cfg
-            .get_hosts()
-            .iter()
-            .find_map(|h| match h {
-                tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
-                #[allow(unreachable_patterns)]
-                _ => None,
-            })
-            .ok_or(ConfigError::NoTcpHost)?;
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        let user = cfg.get_user().ok_or(ConfigError::NoUser)?.to_owned();
-        let password = cfg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .or_else(|| std::env::var("PGPASSWORD").ok());
-        let dbname = cfg.get_dbname().unwrap_or(&user).to_owned();
-        Ok(ConnectionConfig {
-            host,
-            port,
-            user,
-            password,
-            dbname,
-        })
-    }
 }
 
 /// Checks a slot or publication name (PostgreSQL's rule for slot names, also
@@ -514,26 +591,89 @@ mod tests {
         walk(&Cli::command());
     }
 
+    /// Each stage's `Default` is the documented default: what the command
+    /// line gives with no flags.
     #[test]
-    fn parses_urls() {
-        let c = ConnectionConfig::from_url("postgresql://u:p@127.0.0.1:5433/db").unwrap();
+    fn no_flags_give_each_stage_its_default() {
+        let cli = Cli::try_parse_from(["factlib", "relay"]).unwrap();
+        let Command::Relay(args) = &cli.command else {
+            panic!("not relay");
+        };
+        let s = args.settings(&cli.common).unwrap();
+        assert_eq!(s.source, SourceSettings::default());
+        assert_eq!(s.sink, SinkSettings::default());
+        assert_eq!(s.rings, RingSettings::default());
+        assert_eq!(s.shape, RecordShape::default());
+        assert_eq!(s, RelaySettings::default());
+        let cli = Cli::try_parse_from(["factlib", "tail"]).unwrap();
+        let Command::Tail(args) = &cli.command else {
+            panic!("not tail");
+        };
+        assert_eq!(args.source.settings(), SourceSettings::default());
+    }
+
+    #[test]
+    fn relay_flags_reach_the_settings() {
+        let cli = Cli::try_parse_from([
+            "factlib",
+            "--prefix",
+            "app",
+            "relay",
+            "--create-topics",
+            "--partitions",
+            "3",
+            "--max-message-bytes",
+            "4194304",
+            "--compression",
+            "zstd",
+            "--headers",
+            "minimal",
+            "--value",
+            "payload",
+            "--transport",
+            "tokio",
+            "--rings",
+            "4",
+            "--progress-interval-secs",
+            "0",
+        ])
+        .unwrap();
+        let Command::Relay(args) = &cli.command else {
+            panic!("not relay");
+        };
+        let s = args.settings(&cli.common).unwrap();
+        assert_eq!(s.prefix, "app");
+        assert_eq!(s.sink.max_message_bytes, 4 << 20);
+        assert_eq!(s.sink.compression, Compression::Zstd);
         assert_eq!(
-            (
-                c.host.as_str(),
-                c.port,
-                c.user.as_str(),
-                c.password.as_deref(),
-                c.dbname.as_str()
-            ),
-            ("127.0.0.1", 5433, "u", Some("p"), "db")
+            s.create_topics,
+            Some(CreateTopics {
+                partitions: 3,
+                replication: 1,
+                max_message_bytes: 4 << 20
+            })
         );
-        let c = ConnectionConfig::from_url("host=localhost user=x").unwrap();
-        assert_eq!((c.port, c.dbname.as_str()), (5432, "x"));
-        assert!(matches!(
-            ConnectionConfig::from_url("postgresql://127.0.0.1/db"),
-            Err(ConfigError::NoUser)
-        ));
-        assert!(ConnectionConfig::from_url("not a url ===").is_err());
+        assert_eq!(
+            s.shape,
+            RecordShape {
+                value: ValueMode::Payload,
+                headers: HeaderSet::Minimal
+            }
+        );
+        assert_eq!(s.source.transport, Transport::Tokio);
+        assert_eq!(s.rings.rings, 4);
+        assert_eq!(s.progress_interval, None);
+    }
+
+    #[test]
+    fn a_template_that_can_only_hit_a_reserved_topic_is_refused() {
+        let cli =
+            Cli::try_parse_from(["factlib", "relay", "--topic-template", "{prefix}.dlq"]).unwrap();
+        let Command::Relay(args) = &cli.command else {
+            panic!("not relay");
+        };
+        let e = args.settings(&cli.common).unwrap_err();
+        assert!(e.to_string().contains("reserves"), "{e}");
     }
 
     #[test]

@@ -1,18 +1,27 @@
 //! The `factlib` command.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
-use factlib::config::{Cli, Command, Transport};
-use factlib::source::transport;
+use factlib::config::{Cli, Command};
+use factlib::source::{transport, Transport};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.common.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.common.log) {
+        Ok(f) => f,
+        Err(e) => {
+            report(format_args!(
+                "invalid --log / FACTLIB_LOG filter {:?}: {e}; use tracing's EnvFilter syntax, e.g. `info` or `factlib=debug,info`",
+                cli.common.log
+            ));
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -20,21 +29,26 @@ fn main() -> ExitCode {
         .init();
 
     let t = match &cli.command {
-        Command::Tail(a) => a.source.transport,
-        Command::Relay(a) => a.source.transport,
-        Command::Bench(_) => Transport::Tokio,
+        Command::Tail(a) => a.source.settings().transport,
+        Command::Relay(a) => a.source.settings().transport,
         _ => Transport::Tokio,
     };
     let result = transport::block_on(t, factlib::cli::run(cli));
     match result {
         Ok(Ok(code)) => code,
         Ok(Err(e)) => {
-            eprintln!("error: {}", anyhow::Error::from(e));
+            report(format_args!("{}", anyhow::Error::from(e)));
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            report(format_args!("{e}"));
             ExitCode::from(2)
         }
     }
+}
+
+/// Writes `error: …` to stderr. A closed stderr is not worth a panic: the
+/// exit status still tells.
+fn report(msg: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "error: {msg}");
 }

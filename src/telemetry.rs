@@ -28,10 +28,12 @@ pub struct Metrics {
     pub dead_letters_total: AtomicU64,
     /// Replication connections established.
     pub connections_total: AtomicU64,
-    /// Replication connections lost or refused (then retried).
+    /// Sessions ended by a transient failure (then retried).
     pub disconnects_total: AtomicU64,
     /// Standby status updates that raised the confirmed position.
     pub confirms_total: AtomicU64,
+    /// Client-wide errors and warnings librdkafka reported.
+    pub kafka_errors_total: AtomicU64,
 }
 
 /// The counters.
@@ -43,21 +45,8 @@ pub static METRICS: Metrics = Metrics {
     connections_total: AtomicU64::new(0),
     disconnects_total: AtomicU64::new(0),
     confirms_total: AtomicU64::new(0),
+    kafka_errors_total: AtomicU64::new(0),
 };
-
-/// Metric names, as exported.
-pub mod names {
-    /// See [`super::Metrics::facts_produced_total`].
-    pub const FACTS_PRODUCED: &str = "factlib_facts_produced_total";
-    /// See [`super::Metrics::facts_acked_total`].
-    pub const FACTS_ACKED: &str = "factlib_facts_acked_total";
-    /// See [`super::Metrics::dead_letters_total`].
-    pub const DEAD_LETTERS: &str = "factlib_dead_letters_total";
-    /// See [`super::Metrics::connections_total`].
-    pub const CONNECTIONS: &str = "factlib_connections_total";
-    /// See [`super::Metrics::disconnects_total`].
-    pub const DISCONNECTS: &str = "factlib_disconnects_total";
-}
 
 fn inc(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
@@ -83,19 +72,21 @@ impl Connected<'_> {
     }
 }
 
-/// The replication connection failed; the relay will retry.
-pub struct Disconnected<'a, E: std::fmt::Display> {
+/// A transient failure (the replication connection lost, Kafka
+/// unreachable) ended a session; the relay waits for what is in flight,
+/// then streams again from the last confirmed position.
+pub struct Interrupted<'a, E: std::fmt::Display> {
     /// Why.
     pub error: &'a E,
     /// Wait before the next attempt.
     pub retry_in: std::time::Duration,
 }
 
-impl<E: std::fmt::Display> Disconnected<'_, E> {
+impl<E: std::fmt::Display> Interrupted<'_, E> {
     /// Logs and counts.
     pub fn emit(&self) {
         inc(&METRICS.disconnects_total, 1);
-        tracing::warn!(error = %self.error, retry_in_ms = u64::try_from(self.retry_in.as_millis()).unwrap_or(u64::MAX), "replication connection failed; retrying");
+        tracing::warn!(error = %self.error, retry_in_ms = u64::try_from(self.retry_in.as_millis()).unwrap_or(u64::MAX), "transient failure; retrying once the facts in flight are acknowledged, from the last confirmed position");
     }
 }
 
@@ -114,6 +105,69 @@ impl DeadLettered<'_> {
     pub fn emit(&self) {
         inc(&METRICS.dead_letters_total, 1);
         tracing::warn!(topic = self.topic, lsn = %self.lsn, error = self.error, "fact sent to the dead-letter topic");
+    }
+}
+
+/// librdkafka reported a client-wide error, or logged at warning level or
+/// worse. While a broker is away that happens many times a second, each
+/// error reported twice (as a log line and as an error), so one line per
+/// [`KAFKA_LOG_INTERVAL`] is written, saying how many more were folded into
+/// it; every one is counted.
+pub struct KafkaTrouble<'a> {
+    /// What librdkafka said.
+    pub message: &'a dyn std::fmt::Display,
+}
+
+/// At most one [`KafkaTrouble`] line per this interval.
+pub const KAFKA_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+static KAFKA_LOG: std::sync::Mutex<RateLimit> =
+    std::sync::Mutex::new(RateLimit::new(KAFKA_LOG_INTERVAL));
+
+impl KafkaTrouble<'_> {
+    /// Counts, and logs unless a line was written less than
+    /// [`KAFKA_LOG_INTERVAL`] ago.
+    pub fn emit(&self) {
+        inc(&METRICS.kafka_errors_total, 1);
+        let admitted = KAFKA_LOG
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(std::time::Instant::now());
+        if let Some(folded) = admitted {
+            tracing::warn!(target: "librdkafka", folded, "kafka: {}", self.message);
+        }
+    }
+}
+
+/// Lets one event through per interval and counts the rest.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    interval: std::time::Duration,
+    last: Option<std::time::Instant>,
+    folded: u64,
+}
+
+impl RateLimit {
+    pub(crate) const fn new(interval: std::time::Duration) -> Self {
+        RateLimit {
+            interval,
+            last: None,
+            folded: 0,
+        }
+    }
+
+    /// An event at `now`: `Some(n)` if it is to be written, `n` being how
+    /// many were held back since the last one written; `None` to hold it back.
+    pub(crate) fn admit(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.interval)
+        {
+            self.folded += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.folded))
     }
 }
 
@@ -274,5 +328,26 @@ impl ProgressReporter {
         self.last = now;
         self.last_facts = facts;
         self.last_bytes = bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// The log flood: about 40 lines a second while Kafka was away.
+    #[test]
+    fn rate_limit_writes_one_line_per_interval_and_counts_the_rest() {
+        let mut r = RateLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(r.admit(t0), Some(0));
+        let written = (1..=400u64)
+            .filter_map(|i| r.admit(t0 + Duration::from_millis(25 * i)))
+            .collect::<Vec<_>>();
+        // 400 events over 10 s: the one at exactly 10 s is written.
+        assert_eq!(written, [399]);
+        assert_eq!(r.admit(t0 + Duration::from_secs(15)), None);
+        assert_eq!(r.admit(t0 + Duration::from_secs(20)), Some(1));
     }
 }

@@ -7,17 +7,17 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use factlib::config::{ConnectionConfig, SourceArgs, Transport};
-use factlib::source::{ReplicationStream, SourceError};
+use factlib::source::{
+    ConnectionConfig, ReplicationStream, SourceError, SourceSettings, Transport,
+};
 use factlib::Lsn;
 
-fn source_args(transport: Transport) -> SourceArgs {
-    SourceArgs {
+fn source_args(transport: Transport) -> SourceSettings {
+    SourceSettings {
         transport,
-        status_interval_ms: 10_000,
         read_buffer: 1 << 16,
         read_queue: 8,
-        connect_timeout_ms: 10_000,
+        ..SourceSettings::default()
     }
 }
 

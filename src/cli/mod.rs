@@ -37,6 +37,9 @@ pub enum CliError {
     /// The replication stream failed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The replication stream broke the protocol.
+    #[error(transparent)]
+    Stream(#[from] crate::progress::StreamError),
     /// The relay stopped on an error.
     #[error(transparent)]
     Relay(#[from] crate::relay::RelayError),
@@ -60,16 +63,7 @@ pub enum CliError {
 fn pg_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(e);
-            while let Some(inner) = src {
-                s.push_str(": ");
-                s.push_str(&inner.to_string());
-                src = inner.source();
-            }
-            s
-        }
+        None => crate::source::error_chain(e),
     }
 }
 
@@ -121,8 +115,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Status => status::run(&cli.common).await,
         Command::Bench(cmd) => bench::run(&cli.common, &cmd).await,
         Command::Relay(args) => {
+            let settings = args.settings(&cli.common)?;
             let stop = spawn_signal_watch();
-            crate::relay::run(&cli.common, &args, stop).await?;
+            crate::relay::run(settings, stop).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,14 +1,18 @@
 //! `factlib tail`: stream facts from the slot, one JSON object per line.
 //!
 //! ```text
-//!  ReplicationStream ──XLogData──► pgoutput ──Message(prefix)──► fact::decode ──► stdout (JSON)
-//!                     ◄──confirm(end of each unit printed and flushed)──┘
+//!  ReplicationStream ──CopyRun──► progress::Stream ──Fact──► render ──► stdout (JSON)
+//!                     ◄──confirm(watermark, once stdout is flushed)──┘ (ack each fact once written)
 //! ```
 //!
+//! The unit structure (transactions, lone messages, keepalives) is
+//! `progress::Stream`'s, as in the relay; this command only renders facts
+//! and confirms what it has flushed.
+//!
 //! **Invariants**
-//! - The slot is confirmed only up to the end of the last *whole* unit
-//!   (transaction, or lone non-transactional message) whose facts were all
-//!   written to stdout and flushed; never with `--no-confirm`.
+//! - The slot is confirmed only up to the stream's watermark after stdout
+//!   is flushed, so only whole units whose facts were all written; never
+//!   with `--no-confirm`.
 //! - On SIGINT/SIGTERM the transaction being printed is finished first
 //!   (it has already been committed and sent whole), then the final position
 //!   is confirmed and the connection closed.
@@ -22,12 +26,12 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::{spawn_signal_watch, CliError};
-use crate::config::{CommonArgs, ConnectionConfig, TailArgs};
+use crate::config::{CommonArgs, TailArgs};
 use crate::fact;
 use crate::lsn::Lsn;
-use crate::pgwire::pgoutput::{DecodeContext, PgOutput};
-use crate::pgwire::replication::ReplicationMessage;
-use crate::source::ReplicationStream;
+use crate::pgwire::backend::CopyRun;
+use crate::progress::Stream;
+use crate::source::{ConnectionConfig, ReplicationStream};
 
 /// One printed line.
 #[derive(Debug, Serialize)]
@@ -110,9 +114,10 @@ pub fn render(lsn: Lsn, txn: Option<(u32, Lsn)>, content: Bytes) -> TailLine {
 
 /// Runs `factlib tail`.
 pub async fn run(common: &CommonArgs, args: &TailArgs) -> Result<ExitCode, CliError> {
-    let conn = ConnectionConfig::from_url(&common.database_url)?;
+    let conn = ConnectionConfig::from_url(&common.database_url)
+        .map_err(crate::config::ConfigError::from)?;
     let mut stop = spawn_signal_watch();
-    let mut stream = ReplicationStream::connect(&conn, &args.source).await?;
+    let mut stream = ReplicationStream::connect(&conn, &args.source.settings()).await?;
     let id = stream.identify_system().await?;
     tracing::info!(
         system_id = %id.system_id, timeline = id.timeline, xlogpos = %id.xlogpos,
@@ -122,7 +127,7 @@ pub async fn run(common: &CommonArgs, args: &TailArgs) -> Result<ExitCode, CliEr
         .start_pgoutput(&common.slot, Lsn::INVALID, &common.publication)
         .await?;
 
-    let prefix = common.prefix.as_bytes();
+    let mut units = Stream::new(&common.prefix, Lsn::INVALID);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let io_err = |source| CliError::Io {
@@ -130,82 +135,63 @@ pub async fn run(common: &CommonArgs, args: &TailArgs) -> Result<ExitCode, CliEr
         source,
     };
     let mut printed: u64 = 0;
-    let mut txn: Option<(u32, Lsn)> = None;
     // Set by a signal, or when --limit is reached: finish the open
     // transaction (it was committed and is sent whole), then stop.
     let mut stopping = false;
-    // The open transaction has a fact we did not print (limit reached).
-    let mut cut_short = false;
+    // A fact of the open transaction was not printed (limit reached).
+    let mut cut_short = None;
     let limit = args.limit.unwrap_or(u64::MAX);
-    let confirm = |stream: &mut ReplicationStream, lsn: Lsn| {
-        if !args.no_confirm {
-            stream.confirm(lsn);
-        }
-    };
+    let mut run = CopyRun::default();
 
     loop {
         if printed >= limit {
             stopping = true;
         }
-        if stopping && txn.is_none() {
+        if stopping && !units.in_transaction() {
             break;
         }
-        let msg = if stopping {
-            stream.next().await?
-        } else {
-            match stream.next_or_stop(&mut stop).await? {
-                Some(m) => m,
-                None => {
-                    stopping = true;
-                    continue;
-                }
+        let Some(body) = run.next_body() else {
+            let next = if stopping {
+                stream.next_run_or(std::future::pending::<()>()).await?
+            } else {
+                stream
+                    .next_run_or(async {
+                        let _ = stop.wait_for(|v| *v).await;
+                    })
+                    .await?
+            };
+            match next {
+                Some(r) => run = r,
+                None => stopping = true,
             }
+            continue;
         };
-        let x = match msg {
-            ReplicationMessage::XLogData(x) => x,
-            ReplicationMessage::Keepalive(_) => continue,
-        };
-        match PgOutput::decode(x.data, DecodeContext::default())
-            .map_err(crate::source::SourceError::Decode)?
-        {
-            PgOutput::Begin(b) => txn = Some((b.xid, b.final_lsn)),
-            PgOutput::Commit(c) => {
-                txn = None;
-                out.flush().map_err(io_err)?;
-                confirm(&mut stream, c.end_lsn);
+        if let Some(f) = units.handle(run.bytes(), body)? {
+            if printed >= limit {
+                // This fact is not printed, so its unit is not confirmed.
+                cut_short = f.txn.map(|t| t.xid);
+                break;
             }
-            PgOutput::Message(m) => {
-                if &m.prefix[..] == prefix {
-                    if printed >= limit {
-                        // Only reachable inside a transaction: this fact will
-                        // not be printed, so the transaction is not confirmed.
-                        cut_short = true;
-                        break;
-                    }
-                    let line = render(m.lsn, if m.transactional { txn } else { None }, m.content);
-                    serde_json::to_writer(&mut out, &line).map_err(|e| io_err(e.into()))?;
-                    out.write_all(b"\n").map_err(io_err)?;
-                    printed += 1;
-                }
-                if !m.transactional {
-                    // A lone message is a whole unit. pgoutput reports the
-                    // *end* of its WAL record, so confirming exactly that
-                    // position skips it on restart and nothing after it.
-                    out.flush().map_err(io_err)?;
-                    confirm(&mut stream, m.lsn);
-                }
-            }
-            _ => {}
+            let line = render(f.lsn, f.txn.map(|t| (t.xid, t.commit_lsn)), f.content);
+            serde_json::to_writer(&mut out, &line).map_err(|e| io_err(e.into()))?;
+            out.write_all(b"\n").map_err(io_err)?;
+            printed += 1;
+            units
+                .ack(f.token)
+                .map_err(crate::progress::StreamError::from)?;
+        }
+        let mark = units.watermark();
+        if !args.no_confirm && mark > stream.confirmed() {
+            out.flush().map_err(io_err)?;
+            stream.confirm(mark);
         }
     }
     out.flush().map_err(io_err)?;
-    if cut_short {
-        if let Some((xid, _)) = txn {
-            tracing::warn!(
-                xid,
-                "--limit ended inside a transaction; its facts printed so far will be printed again by the next tail"
-            );
-        }
+    if let Some(xid) = cut_short {
+        tracing::warn!(
+            xid,
+            "--limit ended inside a transaction; its facts printed so far will be printed again by the next tail"
+        );
     }
     let confirmed = stream.confirmed();
     stream.shutdown(Duration::from_secs(5)).await?;

@@ -204,6 +204,29 @@ impl FactView {
         self.envelope
     }
 
+    /// Checks the fields every fact must carry: `id`, `aggregate_type`,
+    /// `aggregate_id` and `event_type`. A fact without one can't be routed,
+    /// keyed or told apart from others, so it belongs in the dead-letter
+    /// topic with this error. Every Factlib emitter requires the four; the
+    /// aggregate id is the Kafka key, which keeps an aggregate's facts in
+    /// order, so an empty one is refused too.
+    pub fn check_required(&self) -> Result<(), EnvelopeError> {
+        let missing = [
+            (TextField::Id, "id (1)"),
+            (TextField::AggregateType, "aggregate_type (2)"),
+            (TextField::AggregateId, "aggregate_id (3)"),
+            (TextField::EventType, "event_type (4)"),
+        ]
+        .into_iter()
+        .find(|&(field, _)| self.utf8(field).is_empty());
+        match missing {
+            Some((_, name)) => Err(EnvelopeError(format!(
+                "the required field {name} is missing or empty"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The prost type with the same content (copies every string).
     pub fn to_fact(&self) -> Fact {
         Fact {
@@ -662,6 +685,55 @@ mod tests {
     use proptest::test_runner::TestCaseError;
     use prost::Message as _;
     use std::collections::BTreeMap;
+
+    /// The bug: a protobuf holding only `aggregate_type` was relayed as a
+    /// fact with an empty key and an empty `factlib-id`.
+    #[test]
+    fn facts_missing_a_required_field_are_refused_naming_it() {
+        let full = crate::fact::tests::sample();
+        assert!(decode_view(Bytes::from(full.encode_to_vec()))
+            .unwrap()
+            .check_required()
+            .is_ok());
+        let only_type = Fact {
+            aggregate_type: "order".into(),
+            ..Fact::default()
+        };
+        let e = decode_view(Bytes::from(only_type.encode_to_vec()))
+            .unwrap()
+            .check_required()
+            .unwrap_err();
+        assert!(e.to_string().contains("id (1)"), "{e}");
+        for (name, f) in [
+            (
+                "aggregate_type",
+                Fact {
+                    aggregate_type: String::new(),
+                    ..full.clone()
+                },
+            ),
+            (
+                "aggregate_id",
+                Fact {
+                    aggregate_id: String::new(),
+                    ..full.clone()
+                },
+            ),
+            (
+                "event_type",
+                Fact {
+                    event_type: String::new(),
+                    ..full.clone()
+                },
+            ),
+        ] {
+            let e = decode_view(Bytes::from(f.encode_to_vec()))
+                .unwrap()
+                .check_required()
+                .unwrap_err();
+            assert!(e.to_string().contains(name), "{name}: {e}");
+        }
+    }
 
     // ---- helpers ----------------------------------------------------------
 

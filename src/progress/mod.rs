@@ -1,9 +1,12 @@
-//! Progress tracking: in-flight units → the lowest fully-acknowledged LSN.
+//! Progress: the stream's units, and in-flight units → the lowest
+//! fully-acknowledged LSN.
 //!
-//! Owns the answer to "how far may the slot be confirmed?". The relay sends
-//! [`Tracker::watermark`] as the `flushed` position of its standby status
-//! update. This module is pure logic: no I/O, no clocks, no threads, no
-//! metrics. One owner calls it; delivery acks reach that owner over a channel.
+//! Owns the answer to "how far may the slot be confirmed?". [`Stream`]
+//! turns CopyData bodies into facts and unit ends and feeds the
+//! [`Tracker`]; `relay` and `tail` both drive a [`Stream`] and send its
+//! watermark as the `flushed` position of their standby status updates.
+//! This module is pure logic: no I/O, no clocks, no threads, no metrics.
+//! One owner calls it; delivery acks reach that owner over a channel.
 //!
 //! A *unit* is one thing that arrives whole in the stream's decode order: a
 //! transaction (`Begin` … `Commit`, confirmed at `Commit.end_lsn`), or a lone
@@ -47,6 +50,10 @@
 //!    joins it (the message's record precedes the commit record).
 //! 4. A keepalive advances the watermark only when no fact is in flight and
 //!    no unit is open.
+
+mod stream;
+
+pub use stream::{Fact, Stream, StreamError, Txn};
 
 use std::collections::VecDeque;
 use std::fmt;

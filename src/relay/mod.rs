@@ -1,68 +1,77 @@
-//! `factlib relay`: wires the stages and owns the lifecycle — connecting,
-//! reconnecting with jittered backoff, confirming, and shutting down.
+//! `factlib relay`: wires the stages and owns the lifecycle: connecting,
+//! retrying transient failures with jittered backoff, confirming, and
+//! shutting down.
 //!
 //! ```text
-//!  source (ReplicationStream) ──► session::handle ──► rings ──► sink flushers ──► Kafka
-//!        ▲                                                            │
-//!        └── confirm(watermark) ◄── progress::Tracker ◄── acks ◄──────┘
+//!  source (ReplicationStream) ──CopyRun──► progress::Stream ──Fact──► deliver (route, record) ──► rings ──► sink flushers ──► Kafka
+//!        ▲                                       ▲                                                             │
+//!        └── confirm(watermark) ◄────────────────┴──── acks (ledger) ◄──────── delivery reports ◄──────────────┘
 //! ```
 //!
+//! - [`run`] wires the stages and nothing else.
+//! - `Relay::run` (here) is the lifecycle: sessions, retries, the final stop.
+//! - `session` streams one connection; `deliver` turns one fact into a
+//!   record on its ring; `acks` applies delivery reports.
+//!
 //! **Invariants**
-//! - The flush position sent to PostgreSQL is the tracker's watermark: the
+//! - The flush position sent to PostgreSQL is the stream's watermark: the
 //!   end of the last unit of the contiguous fully-acknowledged prefix.
-//! - A permanent delivery failure stops the relay without confirming past
-//!   the failed fact.
-//! - After a lost connection the relay waits until everything already
-//!   handed to Kafka is acknowledged, then restarts streaming exactly at the
-//!   watermark; acks from an older connection are ignored.
+//! - A definite error stops the relay without confirming past the failed
+//!   fact. A transient one (the connection lost, Kafka unreachable) ends the
+//!   session; the relay waits until everything already handed to Kafka is
+//!   acknowledged, then streams again exactly from the watermark after a
+//!   backoff; acks from an older connection are ignored.
+//! - The backoff starts over once a session has streamed for
+//!   [`HEALTHY_SESSION`].
 //! - On SIGTERM/SIGINT: stop reading at a transaction boundary, wait (up to
 //!   the shutdown timeout) for in-flight facts, send the final position,
 //!   exit 0.
 
+mod acks;
+mod deliver;
 mod session;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crossbeam::channel::{Receiver, TryRecvError};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::{watch, Notify};
 
-use crate::config::{CommonArgs, ConnectionConfig, RelayArgs};
 use crate::lsn::Lsn;
-use crate::pgwire::backend::CopyRun;
-use crate::progress::{ProgressError, Token, Tracker};
-use crate::route::{Rings, RouteError, TopicTemplate};
+use crate::progress::{ProgressError, Stream, StreamError};
+use crate::route::{RingSettings, Rings, RouteError, Router, TopicTemplate};
 use crate::sink::topics::{CreateTopics, Topics};
-use crate::sink::{Delivery, KafkaProducer, ProducerConfig, Record, RecordShape, SinkError};
-use crate::source::{effective_transport, ReplicationStream, SourceError};
-use crate::telemetry::{self, ProgressReporter};
+use crate::sink::{KafkaProducer, RecordShape, SinkError, SinkSettings};
+use crate::source::{ConnectionConfig, SourceError, SourceSettings};
+use crate::telemetry;
+
+use acks::{Acks, Drained};
+use deliver::Deliver;
+
+/// A session that streamed this long was healthy: the backoff starts over.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
 /// Why the relay stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// The replication side failed for good.
+    /// The replication side failed.
     #[error(transparent)]
     Source(#[from] SourceError),
-    /// The Kafka side failed for good.
+    /// The stream broke the protocol.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The Kafka side failed.
     #[error(transparent)]
     Sink(#[from] SinkError),
     /// A fact was refused by Kafka for good; nothing after it is confirmed.
-    #[error("Kafka refused a fact for good (topic {topic:?}): {error}; the slot stays before it: fix the cause and restart the relay")]
-    Delivery {
-        /// Where it was going.
-        topic: String,
-        /// Kafka's error.
-        error: rdkafka::error::KafkaError,
-    },
+    #[error(transparent)]
+    Delivery(Box<Refused>),
     /// Bad routing configuration.
     #[error(transparent)]
     Route(#[from] RouteError),
-    /// The stream broke the transaction structure the tracker relies on.
-    #[error("unexpected replication stream structure: {0}")]
+    /// An ack that matches no fact in flight.
+    #[error("unexpected delivery report: {0}")]
     Progress(#[from] ProgressError),
-    /// A bad setting.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
     /// Starting a thread failed.
     #[error("cannot start a flusher thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -71,83 +80,111 @@ pub enum RelayError {
     Internal(&'static str),
 }
 
-/// The ack token in a record's delivery opaque: connection generation plus
-/// the tracker's token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Opaque {
-    generation: u32,
-    token: Token,
-}
-
-impl Opaque {
-    const TOKEN_BITS: u32 = 40;
-
-    fn into_raw(self) -> usize {
-        let t = self.token.into_raw() & ((1 << Self::TOKEN_BITS) - 1);
-        usize::try_from((u64::from(self.generation) << Self::TOKEN_BITS) | t).unwrap_or(usize::MAX)
-    }
-
-    fn from_raw(raw: usize) -> Self {
-        let raw = u64::try_from(raw).unwrap_or(u64::MAX);
-        Opaque {
-            generation: u32::try_from(raw >> Self::TOKEN_BITS).unwrap_or(u32::MAX),
-            token: Token::from_raw(raw & ((1 << Self::TOKEN_BITS) - 1)),
+impl RelayError {
+    /// True if waiting and streaming again from the watermark may succeed:
+    /// each layer's own classification. The relay retries these and stops
+    /// on the rest.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RelayError::Source(e) => e.is_transient(),
+            RelayError::Stream(e) => e.is_transient(),
+            RelayError::Sink(e) => e.is_transient(),
+            RelayError::Route(e) => e.is_transient(),
+            RelayError::Delivery(_)
+            | RelayError::Progress(_)
+            | RelayError::Thread(_)
+            | RelayError::Internal(_) => false,
         }
     }
 }
 
-/// What every connection shares.
-pub(crate) struct Shared {
-    prefix: String,
-    template: TopicTemplate,
-    shape: RecordShape,
-    topics: Topics,
-    rings: Arc<Rings<Record>>,
-    generation: u32,
-    /// The newest record of the open transaction, pushed when the next one
-    /// arrives or, marked as the batch end, at Commit.
-    held: Option<(usize, Record)>,
-    /// The previous fact's route (see `session::route`).
-    last_route: Option<session::LastRoute>,
+/// A fact Kafka refused for good.
+#[derive(Debug, thiserror::Error)]
+#[error("Kafka refused a fact for good (topic {topic:?}, {bytes} bytes): {error}{advice}\n  the slot stays before it: fix the cause and restart the relay")]
+pub struct Refused {
+    /// Where it was going.
+    pub topic: String,
+    /// Its key + value bytes.
+    pub bytes: usize,
+    /// Kafka's error.
+    pub error: rdkafka::error::KafkaError,
+    /// What to do about it, when there is something specific to say.
+    pub advice: String,
 }
 
-/// How a session ended.
-enum Ended {
-    /// Stop requested; everything confirmed that could be.
-    Stopped,
-    /// The connection failed in a way worth retrying.
-    Lost(SourceError),
+/// Everything the relay needs to know. `Default` is the documented default
+/// of each setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// The PostgreSQL server and role.
+    pub connection: ConnectionConfig,
+    /// The replication slot.
+    pub slot: String,
+    /// The publication the slot streams.
+    pub publication: String,
+    /// The logical-message prefix that marks a fact.
+    pub prefix: String,
+    /// The topic for each fact.
+    pub template: TopicTemplate,
+    /// The replication connection.
+    pub source: SourceSettings,
+    /// The Kafka producer.
+    pub sink: SinkSettings,
+    /// The rings between the reader and the flushers.
+    pub rings: RingSettings,
+    /// How facts become records.
+    pub shape: RecordShape,
+    /// Create missing topics (with these settings) instead of stopping.
+    pub create_topics: Option<CreateTopics>,
+    /// Confirm newly acknowledged positions at most this often.
+    pub confirm_interval: Duration,
+    /// How often to log a progress line; `None` for never.
+    pub progress_interval: Option<Duration>,
+    /// On a stop, wait at most this long for in-flight facts.
+    pub shutdown_timeout: Duration,
+    /// The longest wait between attempts after a transient failure.
+    pub max_backoff: Duration,
+    /// Stop once everything up to this position is confirmed.
+    pub stop_at_lsn: Option<Lsn>,
 }
 
-/// Runs the relay until SIGTERM/SIGINT (`stop`) or a definite error.
-pub async fn run(
-    common: &CommonArgs,
-    args: &RelayArgs,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), RelayError> {
-    let conn = ConnectionConfig::from_url(&common.database_url)?;
-    let template = TopicTemplate::parse(&args.topic_template)?;
+impl Default for RelaySettings {
+    fn default() -> Self {
+        RelaySettings {
+            connection: ConnectionConfig {
+                host: "127.0.0.1".into(),
+                port: 54329,
+                user: "factlib".into(),
+                password: Some("factlib".into()),
+                dbname: "factlib".into(),
+            },
+            slot: "factlib".into(),
+            publication: "factlib".into(),
+            prefix: crate::fact::DEFAULT_PREFIX.into(),
+            template: TopicTemplate::default(),
+            source: SourceSettings::default(),
+            sink: SinkSettings::default(),
+            rings: RingSettings::default(),
+            shape: RecordShape::default(),
+            create_topics: None,
+            confirm_interval: Duration::from_secs(1),
+            progress_interval: Some(Duration::from_secs(10)),
+            shutdown_timeout: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(30),
+            stop_at_lsn: None,
+        }
+    }
+}
+
+/// Runs the relay until `stop` turns true (SIGTERM/SIGINT) or a definite
+/// error. Wires the stages; [`Relay::run`] does the rest.
+pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result<(), RelayError> {
     let (ack_tx, ack_rx) = crossbeam::channel::unbounded();
     let wake = Arc::new(Notify::new());
-    let producer = KafkaProducer::new(
-        &ProducerConfig {
-            brokers: args.brokers.clone(),
-            compression: args.compression.as_str().to_owned(),
-            linger_ms: args.linger_ms,
-            batch_bytes: args.batch_bytes,
-            batch_messages: args.batch_messages,
-            queue_messages: args.queue_messages,
-            queue_kbytes: args.queue_kbytes,
-            extra: args.producer_properties.clone(),
-        },
-        ack_tx.clone(),
-        Arc::clone(&wake),
-    )?;
-    let rings = Rings::new(
-        usize::try_from(args.rings).unwrap_or(64),
-        usize::try_from(args.ring_capacity).unwrap_or(8192),
-        usize::try_from(args.flushers).unwrap_or(1),
-    )?;
+    let producer = KafkaProducer::new(&settings.sink, ack_tx.clone(), Arc::clone(&wake))?;
+    let r = settings.rings;
+    let rings = Rings::new(r.rings, r.capacity, r.flushers)?;
+    let router = Router::new(&settings.prefix, settings.template.clone(), r.rings)?;
     let mut flushers = Vec::new();
     for k in 0..rings.flusher_count() {
         let h = crate::sink::flusher::spawn(
@@ -161,67 +198,20 @@ pub async fn run(
         flushers.push(h);
     }
     drop(ack_tx);
-    let create = args.create_topics.then_some(CreateTopics {
-        partitions: args.partitions,
-        replication: args.replication_factor,
-    });
-    let mut sh = Shared {
-        prefix: common.prefix.clone(),
-        template,
-        shape: RecordShape {
-            value: args.value,
-            headers: args.headers,
-        },
-        topics: Topics::new(producer.clone(), create),
-        rings: Arc::clone(&rings),
-        generation: 0,
-        held: None,
-        last_route: None,
+    let relay = Relay {
+        stream: Stream::new(&settings.prefix, Lsn::INVALID),
+        acks: Acks::new(ack_rx, wake, settings.sink.max_message_bytes),
+        deliver: Deliver::new(
+            router,
+            Topics::new(producer.clone(), settings.create_topics),
+            Arc::clone(&rings),
+            settings.shape,
+        ),
+        reconnect: Reconnect::new(settings.max_backoff),
+        settings,
+        stop,
     };
-    let mut tracker = Tracker::new(Lsn::INVALID);
-    let mut backoff = Backoff::new(Duration::from_millis(args.max_backoff_ms));
-
-    let result = loop {
-        match session(
-            &mut sh,
-            common,
-            args,
-            &conn,
-            &mut tracker,
-            &ack_rx,
-            &wake,
-            &mut stop,
-        )
-        .await
-        {
-            Ok(Ended::Stopped) => break Ok(()),
-            Ok(Ended::Lost(e)) if e.is_transient() => {
-                session::push_held(&mut sh).await;
-                let wait = backoff.next();
-                telemetry::Disconnected {
-                    error: &e,
-                    retry_in: wait,
-                }
-                .emit();
-                // Everything already handed to Kafka must be acknowledged
-                // before streaming restarts at the watermark.
-                if let Err(e) =
-                    drain(&mut tracker, &ack_rx, &wake, &mut stop, sh.generation, None).await
-                {
-                    break Err(e);
-                }
-                let mark = tracker.watermark();
-                sh.generation = sh.generation.wrapping_add(1);
-                tracker = Tracker::new(mark);
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => break Ok(()),
-                }
-            }
-            Ok(Ended::Lost(e)) => break Err(e.into()),
-            Err(e) => break Err(e),
-        }
-    };
+    let result = relay.run().await;
     rings.close();
     for h in flushers {
         let _ = h.join();
@@ -230,240 +220,96 @@ pub async fn run(
     result
 }
 
-/// Streams from one connection until stop, failure or a lost connection.
-#[allow(clippy::too_many_arguments)]
-async fn session(
-    sh: &mut Shared,
-    common: &CommonArgs,
-    args: &RelayArgs,
-    conn: &ConnectionConfig,
-    tracker: &mut Tracker,
-    acks: &Receiver<Delivery>,
-    wake: &Notify,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<Ended, RelayError> {
-    let start = tracker.watermark();
-    let mut stream = match connect(common, args, conn, start).await {
-        Ok(s) => s,
-        Err(e) if e.is_transient() => return Ok(Ended::Lost(e)),
-        Err(e) => return Err(e.into()),
-    };
-    telemetry::Connected {
-        slot: &common.slot,
-        backend_pid: stream.backend_pid(),
-        start,
-        transport: match effective_transport(args.source.transport) {
-            crate::config::Transport::Uring => "io_uring",
-            _ => "tokio",
-        },
-    }
-    .emit();
-    let confirm_every = Duration::from_millis(args.confirm_interval_ms);
-    let progress_every =
-        (args.progress_interval_secs > 0).then(|| Duration::from_secs(args.progress_interval_secs));
-    let mut reporter = ProgressReporter::new();
-    let mut next_progress = progress_every.map(|d| Instant::now() + d);
-    let mut last_confirm = Instant::now();
-    let mut txn = None;
-    let mut stopping = false;
-    let mut run = CopyRun::default();
+/// The relay's state across connections; each piece has this one owner.
+struct Relay {
+    settings: RelaySettings,
+    /// The stream's units and the watermark.
+    stream: Stream,
+    /// Delivery reports.
+    acks: Acks,
+    /// Facts to records on their rings.
+    deliver: Deliver,
+    reconnect: Reconnect,
+    stop: watch::Receiver<bool>,
+}
 
-    loop {
-        apply_acks(tracker, acks, sh.generation)?;
-        let mark = tracker.watermark();
-        // One clock read per message serves both timers.
-        let now = Instant::now();
-        if mark > stream.confirmed() && now.duration_since(last_confirm) >= confirm_every {
-            stream.confirm(mark);
-            if let Err(e) = stream.send_status(false).await {
-                return lost(e);
-            }
-            telemetry::confirmed();
-            last_confirm = Instant::now();
-        }
-        if next_progress.is_some_and(|at| now >= at) {
-            reporter.emit(tracker.in_flight(), stream.confirmed(), stream.server_lsn());
-            next_progress = progress_every.map(|d| now + d);
-        }
-        if *stop.borrow() || args.stop_at_lsn.is_some_and(|at| mark >= at) {
-            stopping = true;
-        }
-        if stopping && txn.is_none() {
-            return finish(stream, tracker, acks, wake, stop, sh.generation, args).await;
-        }
-        let deadline = [
-            next_progress,
-            (mark > stream.confirmed()).then(|| last_confirm + confirm_every),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        let Some(body) = run.next_body() else {
-            let interrupt = async {
-                tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = stop.changed(), if !stopping => {}
-                    _ = sleep_until(deadline) => {}
-                }
+/// How a session ended.
+enum Ended {
+    /// Stop requested; everything confirmed that could be.
+    Stopped,
+    /// A transient failure, after streaming for `streamed`.
+    Lost {
+        error: RelayError,
+        streamed: Duration,
+    },
+}
+
+impl Relay {
+    /// Sessions until a stop or a definite error.
+    async fn run(mut self) -> Result<(), RelayError> {
+        loop {
+            let (error, streamed) = match self.session().await? {
+                Ended::Stopped => return Ok(()),
+                Ended::Lost { error, streamed } => (error, streamed),
             };
-            match stream.next_run_or(interrupt).await {
-                Ok(Some(r)) => run = r,
-                Ok(None) => {}
-                Err(e) => return lost(e),
+            let wait = self.reconnect.next(streamed);
+            telemetry::Interrupted {
+                error: &error,
+                retry_in: wait,
             }
-            continue;
-        };
-        match session::handle(sh, &mut stream, tracker, &mut txn, &run, body).await {
-            Ok(()) => {}
-            Err(RelayError::Source(e)) => return lost(e),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn lost(e: SourceError) -> Result<Ended, RelayError> {
-    Ok(Ended::Lost(e))
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn connect(
-    common: &CommonArgs,
-    args: &RelayArgs,
-    conn: &ConnectionConfig,
-    start: Lsn,
-) -> Result<ReplicationStream, SourceError> {
-    let mut stream = ReplicationStream::connect(conn, &args.source).await?;
-    stream.identify_system().await?;
-    stream
-        .start_pgoutput(&common.slot, start, &common.publication)
-        .await?;
-    Ok(stream)
-}
-
-/// Applies every ack received so far.
-fn apply_acks(
-    tracker: &mut Tracker,
-    acks: &Receiver<Delivery>,
-    generation: u32,
-) -> Result<(), RelayError> {
-    loop {
-        match acks.try_recv() {
-            Ok(Delivery::Acked { opaque, bytes }) => {
-                let o = Opaque::from_raw(opaque);
-                if o.generation == generation {
-                    tracker.ack(o.token)?;
-                }
-                telemetry::acked(1, bytes);
+            .emit();
+            // Everything already handed to Kafka must be acknowledged
+            // before streaming restarts at the watermark.
+            if self
+                .acks
+                .drain(&mut self.stream, &mut self.stop, None)
+                .await?
+                == Drained::Stopped
+            {
+                return Ok(());
             }
-            Ok(Delivery::Failed { topic, error, .. }) => {
-                return Err(RelayError::Delivery { topic, error })
-            }
-            Ok(Delivery::Broken(e)) => return Err(RelayError::Sink(e)),
-            Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return Ok(()),
-        }
-    }
-}
-
-/// Waits until nothing is in flight (or `limit` passes, or a second stop
-/// signal while not stopping), applying acks.
-async fn drain(
-    tracker: &mut Tracker,
-    acks: &Receiver<Delivery>,
-    wake: &Notify,
-    stop: &mut watch::Receiver<bool>,
-    generation: u32,
-    limit: Option<Duration>,
-) -> Result<(), RelayError> {
-    let deadline = limit.map(|l| Instant::now() + l);
-    loop {
-        apply_acks(tracker, acks, generation)?;
-        if tracker.in_flight() == 0 {
-            return Ok(());
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            tracing::warn!(
-                in_flight = tracker.in_flight(),
-                "shutdown timeout: facts still unacknowledged; they will be sent again on restart"
-            );
-            return Ok(());
-        }
-        tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stop.changed(), if limit.is_none() => {
-                if *stop.borrow() {
-                    return Ok(());
-                }
+            self.stream.restart();
+            self.acks.next_generation();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.stop.wait_for(|s| *s) => return Ok(()),
             }
         }
     }
 }
 
-/// Graceful end: wait for in-flight facts, confirm, release the slot.
-async fn finish(
-    mut stream: ReplicationStream,
-    tracker: &mut Tracker,
-    acks: &Receiver<Delivery>,
-    wake: &Notify,
-    stop: &mut watch::Receiver<bool>,
-    generation: u32,
-    args: &RelayArgs,
-) -> Result<Ended, RelayError> {
-    tracing::info!(
-        in_flight = tracker.in_flight(),
-        "stopping: waiting for in-flight facts"
-    );
-    drain(
-        tracker,
-        acks,
-        wake,
-        stop,
-        generation,
-        Some(Duration::from_secs(args.shutdown_timeout_secs)),
-    )
-    .await?;
-    let mark = tracker.watermark();
-    stream.confirm(mark);
-    if let Err(e) = stream.shutdown(Duration::from_secs(5)).await {
-        tracing::warn!(error = %e, "could not send the final position; it will be resent from the last confirmed one");
-    }
-    telemetry::emit_latency_summary();
-    tracing::info!(confirmed = %mark, "relay stopped");
-    Ok(Ended::Stopped)
-}
-
-/// Exponential backoff with full jitter, from 100 ms up to `max`.
-struct Backoff {
-    next: Duration,
+/// When to try again after a transient failure: exponential backoff with
+/// jitter, started over after a healthy session.
+struct Reconnect {
+    builder: ExponentialBuilder,
+    backoff: ExponentialBackoff,
     max: Duration,
 }
 
-impl Backoff {
+impl Reconnect {
+    /// Waits double from 50–100 ms up to `max`; jitter puts each in the
+    /// upper half of its step.
     fn new(max: Duration) -> Self {
-        Backoff {
-            next: Duration::from_millis(100),
+        let builder = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(max / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times();
+        Reconnect {
+            backoff: builder.build(),
+            builder,
             max,
         }
     }
 
-    fn next(&mut self) -> Duration {
-        let cap = self.next;
-        self.next = (self.next * 2).min(self.max);
-        // Jitter in [cap/2, cap], from the clock's sub-second noise.
-        let noise = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let half = cap / 2;
-        half + Duration::from_nanos(
-            u64::from(noise) % (u64::try_from(half.as_nanos()).unwrap_or(1).max(1)),
-        )
+    /// The wait before the next attempt, after a session that streamed for
+    /// `streamed` (zero if it never started streaming).
+    fn next(&mut self, streamed: Duration) -> Duration {
+        if streamed >= HEALTHY_SESSION {
+            self.backoff = self.builder.build();
+        }
+        self.backoff.next().unwrap_or(self.max).min(self.max)
     }
 }
 
@@ -472,25 +318,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn opaque_round_trips() {
-        for (g, t) in [(0u32, 0u64), (1, 5), (7, (1 << 40) - 1), (0xFF_FFFF, 123)] {
-            let o = Opaque {
-                generation: g,
-                token: Token::from_raw(t),
-            };
-            assert_eq!(Opaque::from_raw(o.into_raw()), o);
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Reconnect::new(Duration::from_secs(1));
+        let first = b.next(Duration::ZERO);
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..20 {
+            let d = b.next(Duration::ZERO);
+            assert!(d <= Duration::from_secs(1), "{d:?}");
         }
+        assert!(b.next(Duration::ZERO) >= Duration::from_millis(500));
+    }
+
+    /// The bug: after about ten brief disconnects, every later blip cost
+    /// 15–30 s for the rest of the process's life.
+    #[test]
+    fn backoff_starts_over_after_a_healthy_session() {
+        let mut b = Reconnect::new(Duration::from_secs(30));
+        for _ in 0..12 {
+            b.next(Duration::from_secs(1));
+        }
+        assert!(b.next(Duration::from_secs(1)) >= Duration::from_secs(15));
+        let after_healthy = b.next(HEALTHY_SESSION);
+        assert!(
+            after_healthy <= Duration::from_millis(100),
+            "{after_healthy:?}"
+        );
+        assert!(b.next(Duration::ZERO) <= Duration::from_millis(200));
     }
 
     #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Backoff::new(Duration::from_secs(1));
-        let first = b.next();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        for _ in 0..20 {
-            let d = b.next();
-            assert!(d <= Duration::from_secs(1), "{d:?}");
-        }
-        assert!(b.next() >= Duration::from_millis(500));
+    fn errors_say_whether_they_are_transient() {
+        let lost = RelayError::Source(SourceError::Closed);
+        assert!(lost.is_transient());
+        let kafka_away = RelayError::Sink(SinkError::Metadata {
+            topic: "t".into(),
+            source: rdkafka::error::KafkaError::MetadataFetch(
+                rdkafka::types::RDKafkaErrorCode::AllBrokersDown,
+            ),
+        });
+        assert!(kafka_away.is_transient());
+        assert!(!RelayError::Sink(SinkError::TopicMissing("t".into())).is_transient());
+        assert!(!RelayError::Progress(ProgressError::NotOpen).is_transient());
+        assert!(!RelayError::Internal("x").is_transient());
     }
 }

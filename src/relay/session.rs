@@ -1,257 +1,180 @@
-//! One replication connection's worth of relaying: each pgoutput message is
-//! handed to the stage that owns it.
+//! One replication connection's worth of relaying: read runs of CopyData,
+//! hand each body to the stream's units, deliver the facts it releases,
+//! apply acks, confirm the watermark.
 //!
 //! ```text
-//!  CopyRun body ──ReplicationRef, PgOutputRef (in place)──► Begin/Commit ──► progress (units)
-//!                    └──► Message(prefix) ──fact::decode_view_or_return──► route (topic, partition, ring)
-//!                                                  └─► sink::record ──► rings ──► flushers
-//!                                   (undecodable or unroutable) ──► dead-letter record
-//!  Keepalive ──► progress.keepalive (only when nothing is in flight)
+//!  ReplicationStream ──CopyRun──► progress::Stream::handle ──Fact──► Deliver::fact ──► rings
+//!        ▲      acks (ledger) ──► Stream::ack ──► watermark ──confirm (every --confirm-interval-ms)──┘
 //! ```
 //!
 //! **Invariants**
-//! - Every fact under our prefix gets an ack token before it is pushed, so
-//!   its unit cannot be confirmed until Kafka has it (or its dead letter).
-//! - Pushing waits while the ring is full, sending standby status updates
-//!   meanwhile so the walsender does not time us out.
+//! - The position confirmed is the stream's watermark, never more.
+//! - A stop takes effect only between transactions, and then waits for the
+//!   facts in flight (up to the shutdown timeout) before the final confirm.
+//! - A transient error ends the session as [`Ended::Lost`], a definite one
+//!   as an error.
 
-use std::ops::Range;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
-use super::{Opaque, RelayError, Shared};
-use crate::fact::{self, FactView, TextField};
+use super::{Drained, Ended, Relay, RelayError};
 use crate::lsn::Lsn;
 use crate::pgwire::backend::CopyRun;
-use crate::pgwire::pgoutput::{DecodeContext, MessageRef, PgOutput, PgOutputRef};
-use crate::pgwire::replication::ReplicationRef;
-use crate::progress::Tracker;
-use crate::route::murmur2::partition_for_key;
-use crate::sink::record::{dead_letter, fact_record};
-use crate::sink::topics::TopicInfo;
-use crate::sink::Record;
-use crate::source::{ReplicationStream, SourceError};
-use crate::telemetry;
+use crate::source::ReplicationStream;
+use crate::telemetry::{self, ProgressReporter};
 
-/// The open transaction, if any.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Txn {
-    /// Its commit LSN (Begin's final LSN), for the `factlib-lsn` header.
-    pub commit_lsn: Lsn,
+/// When the next confirm and progress line are due.
+struct Timers {
+    confirm_every: Duration,
+    last_confirm: Instant,
+    progress_every: Option<Duration>,
+    next_progress: Option<Instant>,
 }
 
-/// Handles one message of a run from the stream: the body at `body` in
-/// `run`. Begin, Commit and Message are decoded in place; only a fact's
-/// envelope becomes a `Bytes` handle.
-pub(super) async fn handle(
-    sh: &mut Shared,
-    stream: &mut ReplicationStream,
-    tracker: &mut Tracker,
-    txn: &mut Option<Txn>,
-    run: &CopyRun,
-    body: Range<usize>,
-) -> Result<(), RelayError> {
-    let bytes = run.bytes();
-    let body = bytes
-        .get(body)
-        .ok_or(RelayError::Internal("a run's body lies outside the run"))?;
-    let x = match ReplicationRef::parse(body).map_err(SourceError::Decode)? {
-        ReplicationRef::Keepalive(k) => {
-            tracker.keepalive(k.wal_end);
-            return Ok(());
+impl Timers {
+    fn new(confirm_every: Duration, progress_every: Option<Duration>) -> Self {
+        let now = Instant::now();
+        Timers {
+            confirm_every,
+            last_confirm: now,
+            progress_every,
+            next_progress: progress_every.map(|d| now + d),
         }
-        ReplicationRef::XLogData(x) => x,
-    };
-    let ctx = DecodeContext::default();
-    match PgOutputRef::decode(x.data, ctx).map_err(SourceError::Decode)? {
-        PgOutputRef::Begin(b) => {
-            tracker.begin()?;
-            *txn = Some(Txn {
-                commit_lsn: b.final_lsn,
-            });
+    }
+
+    fn confirm_due(&self, now: Instant) -> bool {
+        now.duration_since(self.last_confirm) >= self.confirm_every
+    }
+
+    fn progress_due(&mut self, now: Instant) -> bool {
+        let due = self.next_progress.is_some_and(|at| now >= at);
+        if due {
+            self.next_progress = self.progress_every.map(|d| now + d);
         }
-        PgOutputRef::Commit(c) => {
-            tracker.commit(c.end_lsn)?;
-            *txn = None;
-            // The transaction's last record closes its batch.
-            if let Some((ring, mut rec)) = sh.held.take() {
-                rec.txn_end = Some(c.end_lsn);
-                push(sh, stream, ring, rec).await?;
+        due
+    }
+
+    /// The earliest moment a timer needs the loop, given whether there is
+    /// something new to confirm.
+    fn deadline(&self, unconfirmed: bool) -> Option<Instant> {
+        let confirm = unconfirmed.then(|| self.last_confirm + self.confirm_every);
+        [self.next_progress, confirm].into_iter().flatten().min()
+    }
+}
+
+impl Relay {
+    /// Streams from one connection until a stop, a definite error, or a
+    /// transient one ([`Ended::Lost`]).
+    pub(super) async fn session(&mut self) -> Result<Ended, RelayError> {
+        let mut streaming_since = None;
+        match self.stream_once(&mut streaming_since).await {
+            Err(error) if error.is_transient() => Ok(Ended::Lost {
+                error,
+                streamed: streaming_since.map_or(Duration::ZERO, |s: Instant| s.elapsed()),
+            }),
+            other => other,
+        }
+    }
+
+    async fn stream_once(&mut self, since: &mut Option<Instant>) -> Result<Ended, RelayError> {
+        let start = self.stream.watermark();
+        let mut conn = self.connect(start).await?;
+        *since = Some(Instant::now());
+        telemetry::Connected {
+            slot: &self.settings.slot,
+            backend_pid: conn.backend_pid(),
+            start,
+            transport: self.settings.source.transport.resolve().name(),
+        }
+        .emit();
+        let mut timers = Timers::new(
+            self.settings.confirm_interval,
+            self.settings.progress_interval,
+        );
+        let mut reporter = ProgressReporter::new();
+        let mut stopping = false;
+        let mut run = CopyRun::default();
+        loop {
+            self.acks.apply(&mut self.stream)?;
+            let mark = self.stream.watermark();
+            // One clock read per message serves both timers.
+            let now = Instant::now();
+            if mark > conn.confirmed() && timers.confirm_due(now) {
+                conn.confirm(mark);
+                conn.send_status(false).await?;
+                telemetry::confirmed();
+                timers.last_confirm = Instant::now();
+            }
+            if timers.progress_due(now) {
+                reporter.emit(self.stream.in_flight(), conn.confirmed(), conn.server_lsn());
+            }
+            if *self.stop.borrow() || self.settings.stop_at_lsn.is_some_and(|at| mark >= at) {
+                stopping = true;
+            }
+            if stopping && !self.stream.in_transaction() {
+                return self.finish(conn).await;
+            }
+            let Some(body) = run.next_body() else {
+                let deadline = timers.deadline(mark > conn.confirmed());
+                let (acks, stop) = (&self.acks, &mut self.stop);
+                let interrupt = async {
+                    tokio::select! {
+                        _ = acks.arrived() => {}
+                        _ = stop.changed(), if !stopping => {}
+                        _ = sleep_until(deadline) => {}
+                    }
+                };
+                if let Some(r) = conn.next_run_or(interrupt).await? {
+                    run = r;
+                }
+                continue;
+            };
+            if let Some(fact) = self.stream.handle(run.bytes(), body)? {
+                let opaque = self.acks.opaque(fact.token);
+                self.deliver.fact(fact, opaque, &mut conn).await?;
             }
         }
-        PgOutputRef::Message(m) => message(sh, stream, tracker, *txn, m, bytes).await?,
-        // Nothing else matters to the relay, but it must still decode.
-        PgOutputRef::Other => {
-            PgOutput::decode(bytes.slice_ref(x.data), ctx).map_err(SourceError::Decode)?;
-        }
     }
-    Ok(())
-}
 
-/// A logical message; `run` holds its bytes.
-async fn message(
-    sh: &mut Shared,
-    stream: &mut ReplicationStream,
-    tracker: &mut Tracker,
-    txn: Option<Txn>,
-    m: MessageRef<'_>,
-    run: &Bytes,
-) -> Result<(), RelayError> {
-    if m.prefix != sh.prefix.as_bytes() {
-        if !m.transactional {
-            tracker.lone(m.lsn, false);
-        }
-        return Ok(());
+    async fn connect(&self, start: Lsn) -> Result<ReplicationStream, RelayError> {
+        let s = &self.settings;
+        let mut conn = ReplicationStream::connect(&s.connection, &s.source).await?;
+        conn.identify_system().await?;
+        conn.start_pgoutput(&s.slot, start, &s.publication).await?;
+        Ok(conn)
     }
-    let token = match (m.transactional, txn) {
-        (true, Some(_)) => tracker.fact()?,
-        (false, _) => tracker
-            .lone(m.lsn, true)
-            .ok_or(RelayError::Internal("a lone fact must get an ack token"))?,
-        (true, None) => {
-            return Err(RelayError::Internal(
-                "transactional message outside a transaction",
-            ))
-        }
-    };
-    // Transactional facts carry their commit LSN, lone ones their own.
-    let lsn = match txn {
-        Some(t) if m.transactional => t.commit_lsn,
-        _ => m.lsn,
-    };
-    let opaque = Opaque {
-        generation: sh.generation,
-        token,
-    }
-    .into_raw();
-    // The envelope's one handle moves into the view; it comes back for a
-    // dead letter.
-    let rec = match fact::decode_view_or_return(run.slice_ref(m.content)) {
-        Ok(f) => match route(sh, &f).await? {
-            Ok(info) => {
-                let partition = partition_for_key(f.utf8(TextField::AggregateId), info.partitions);
-                let ring = ring_of(info.ring_base, partition, sh.rings.ring_count());
-                let partition = i32::try_from(partition).unwrap_or(0);
-                (
-                    ring,
-                    fact_record(f, sh.shape, lsn, info.name, partition, opaque),
-                )
-            }
-            Err(e) => dead(sh, f.into_envelope(), &e, lsn, opaque).await?,
-        },
-        Err((e, raw)) => dead(sh, raw, &e.to_string(), lsn, opaque).await?,
-    };
-    let (ring, mut rec) = rec;
-    if m.transactional {
-        // Hold the newest record back until the next one or the Commit, so
-        // the transaction's last record can be marked as its batch's end.
-        if let Some((r, prev)) = sh.held.replace((ring, rec)) {
-            push(sh, stream, r, prev).await?;
-        }
-    } else {
-        rec.txn_end = Some(m.lsn);
-        push(sh, stream, ring, rec).await?;
-    }
-    telemetry::produced(1);
-    Ok(())
-}
 
-/// The previous fact's route, reused while facts keep the same types (the
-/// common case: a transaction's facts are often about one aggregate type).
-pub(super) struct LastRoute {
-    aggregate_type: String,
-    event_type: String,
-    info: TopicInfo,
-}
-
-/// The destination topic of a fact with these types, or why it has none
-/// (a definite error for the fact: it goes to the DLQ). Renders the
-/// template and looks the topic up only when the types differ from the
-/// previous fact's.
-async fn route(sh: &mut Shared, f: &FactView) -> Result<Result<TopicInfo, String>, RelayError> {
-    if let Some(last) = &sh.last_route {
-        if last.aggregate_type.as_bytes() == f.utf8(TextField::AggregateType)
-            && last.event_type.as_bytes() == f.utf8(TextField::EventType)
+    /// Graceful end: wait for in-flight facts, confirm, release the slot.
+    async fn finish(&mut self, mut conn: ReplicationStream) -> Result<Ended, RelayError> {
+        tracing::info!(
+            in_flight = self.stream.in_flight(),
+            "stopping: waiting for in-flight facts"
+        );
+        let limit = Some(self.settings.shutdown_timeout);
+        if self
+            .acks
+            .drain(&mut self.stream, &mut self.stop, limit)
+            .await?
+            != Drained::All
         {
-            return Ok(Ok(last.info.clone()));
+            tracing::warn!(
+                in_flight = self.stream.in_flight(),
+                "shutdown timeout: facts still unacknowledged; they will be sent again on restart"
+            );
         }
-    }
-    let (aggregate_type, event_type) = (f.aggregate_type(), f.event_type());
-    let topic = match sh.template.render(&sh.prefix, aggregate_type, event_type) {
-        Ok(topic) => topic,
-        Err(e) => return Ok(Err(e.to_string())),
-    };
-    let info = sh.topics.get(&topic).await?.clone();
-    sh.last_route = Some(LastRoute {
-        aggregate_type: aggregate_type.to_owned(),
-        event_type: event_type.to_owned(),
-        info: info.clone(),
-    });
-    Ok(Ok(info))
-}
-
-fn ring_of(base: usize, partition: u32, rings: usize) -> usize {
-    base.wrapping_add(usize::try_from(partition).unwrap_or(0)) % rings.max(1)
-}
-
-/// A dead-letter record for a fact that cannot be relayed as itself.
-async fn dead(
-    sh: &mut Shared,
-    raw: Bytes,
-    error: &str,
-    lsn: Lsn,
-    opaque: usize,
-) -> Result<(usize, Record), RelayError> {
-    let topic = crate::route::dlq_topic(&sh.prefix);
-    let info = sh.topics.get(&topic).await?;
-    let ring = ring_of(info.ring_base, 0, sh.rings.ring_count());
-    telemetry::DeadLettered {
-        topic: &topic,
-        lsn,
-        error,
-    }
-    .emit();
-    Ok((
-        ring,
-        dead_letter(raw, error, lsn, Arc::clone(&info.name), 0, opaque),
-    ))
-}
-
-/// After a lost connection: the held record of the cut transaction still
-/// owes an ack, so it is pushed (without a batch end) rather than dropped.
-pub(super) async fn push_held(sh: &mut Shared) {
-    if let Some((ring, mut rec)) = sh.held.take() {
-        while let Err(back) = sh.rings.try_push(ring, rec) {
-            rec = back;
-            if sh.rings.is_closed() {
-                return;
-            }
-            sh.rings.room(ring).await;
+        let mark = self.stream.watermark();
+        conn.confirm(mark);
+        if let Err(e) = conn.shutdown(Duration::from_secs(5)).await {
+            tracing::warn!(error = %e, "could not send the final position; it will be resent from the last confirmed one");
         }
+        telemetry::emit_latency_summary();
+        tracing::info!(confirmed = %mark, "relay stopped");
+        Ok(Ended::Stopped)
     }
 }
 
-/// Pushes onto a ring, waiting while it is full and keeping the replication
-/// connection alive meanwhile.
-async fn push(
-    sh: &Shared,
-    stream: &mut ReplicationStream,
-    ring: usize,
-    mut rec: Record,
-) -> Result<(), RelayError> {
-    loop {
-        match sh.rings.try_push(ring, rec) {
-            Ok(()) => return Ok(()),
-            Err(back) => rec = back,
-        }
-        if sh.rings.is_closed() {
-            return Err(RelayError::Internal("rings closed while relaying"));
-        }
-        tokio::select! {
-            _ = sh.rings.room(ring) => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => stream.keep_alive().await?,
-        }
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -34,11 +34,34 @@
 
 pub mod murmur2;
 pub mod ring;
+mod router;
 pub mod topic;
 
 pub use murmur2::{murmur2, partition_for_key, to_positive};
 pub use ring::{Rings, Wake};
-pub use topic::{dlq_topic, validate_topic, TopicTemplate, DEFAULT_TEMPLATE};
+pub use router::{Destination, Routed, Router};
+pub use topic::{dlq_topic, is_reserved, validate_topic, TopicTemplate, DEFAULT_TEMPLATE};
+
+/// The rings between the WAL reader and the flushers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSettings {
+    /// Number of rings; each (topic, partition) is pinned to one.
+    pub rings: usize,
+    /// Facts each ring holds before the reader waits.
+    pub capacity: usize,
+    /// Flusher threads; ring `i` belongs to flusher `i % flushers`.
+    pub flushers: usize,
+}
+
+impl Default for RingSettings {
+    fn default() -> Self {
+        RingSettings {
+            rings: 16,
+            capacity: 1024,
+            flushers: 1,
+        }
+    }
+}
 
 /// Why a fact could not be routed, or the routing setup is invalid.
 ///
@@ -69,6 +92,15 @@ pub enum RouteError {
         topic: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The rendered topic is one Factlib keeps for its own records.
+    #[error(
+        "{topic:?} is reserved for Factlib's own records (dead letters, checkpoints); \
+         no fact is routed there"
+    )]
+    Reserved {
+        /// The rendered name.
+        topic: String,
     },
     /// The ring configuration is unusable (a zero count or capacity).
     #[error("invalid ring configuration: {0}")]

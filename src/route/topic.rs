@@ -190,7 +190,28 @@ impl TopicTemplate {
             });
         }
         validate_topic(&topic)?;
+        if is_reserved(prefix, &topic) {
+            return Err(RouteError::Reserved { topic });
+        }
         Ok(topic)
+    }
+
+    /// Checks the template for `prefix` at startup: one that always renders
+    /// to a reserved topic (it uses neither `{aggregate_type}` nor
+    /// `{event_type}`) can never route a fact.
+    pub fn check(&self, prefix: &str) -> Result<(), RouteError> {
+        if self.parts.contains(&Part::AggregateType) || self.uses_event_type() {
+            return Ok(());
+        }
+        match self.render(prefix, "-", "-") {
+            Err(RouteError::Reserved { topic }) => Err(RouteError::Template {
+                template: self.source.clone(),
+                reason: format!(
+                    "it always renders to {topic:?}, a topic Factlib reserves for its own records"
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -210,7 +231,22 @@ impl std::fmt::Display for TopicTemplate {
 
 /// The dead-letter topic for a prefix: `{prefix}.dlq`.
 pub fn dlq_topic(prefix: &str) -> String {
-    format!("{prefix}.dlq")
+    format!("{prefix}.{DLQ_SUFFIX}")
+}
+
+const DLQ_SUFFIX: &str = "dlq";
+
+/// Topics under `{prefix}.` that Factlib keeps for its own records: the
+/// dead letters, and the exactly-once checkpoints.
+const RESERVED_SUFFIXES: [&str; 2] = [DLQ_SUFFIX, "checkpoints"];
+
+/// True if `topic` is one Factlib keeps for its own records under `prefix`;
+/// no fact may be routed there.
+pub fn is_reserved(prefix: &str, topic: &str) -> bool {
+    topic
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|suffix| RESERVED_SUFFIXES.contains(&suffix))
 }
 
 /// Checks Kafka's rules for a topic name (`org.apache.kafka.common.internals.Topic.validate`):
@@ -349,6 +385,35 @@ mod tests {
         let just = "a".repeat(MAX_TOPIC_LEN - "factlib.".len());
         assert!(t.render("factlib", &just, "e").is_ok());
         assert!(t.render("factlib", &format!("{just}a"), "e").is_err());
+    }
+
+    /// The bug: `aggregate_type = "dlq"` rendered to the dead-letter topic.
+    #[test]
+    fn reserved_topics_are_never_rendered() {
+        let t = TopicTemplate::default();
+        for agg in ["dlq", "checkpoints"] {
+            assert_eq!(
+                t.render("p", agg, "e"),
+                Err(RouteError::Reserved {
+                    topic: format!("p.{agg}")
+                })
+            );
+        }
+        assert_eq!(t.render("p", "dlq2", "e").unwrap(), "p.dlq2");
+        let other = TopicTemplate::parse("{aggregate_type}.dlq").unwrap();
+        assert_eq!(other.render("p", "q", "e").unwrap(), "q.dlq", "not p's");
+        assert!(t.check("p").is_ok());
+        let constant = TopicTemplate::parse("{prefix}.dlq").unwrap();
+        let e = constant.check("p").unwrap_err();
+        assert!(e.to_string().contains("reserves"), "{e}");
+        assert!(TopicTemplate::parse("{prefix}.all")
+            .unwrap()
+            .check("p")
+            .is_ok());
+        assert!(TopicTemplate::parse("p.checkpoints")
+            .unwrap()
+            .check("p")
+            .is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::Bytes;
 use crossbeam::channel::Sender;
 
 use super::kafka::{Delivery, SendOutcome};
@@ -110,10 +111,10 @@ impl<P: Producer> Flusher<P> {
                     wait = (wait * 2).min(Duration::from_millis(50));
                 }
                 Err((error, back)) => {
-                    let topic = back.topic.to_string();
                     self.fail(Delivery::Failed {
                         opaque: back.opaque,
-                        topic,
+                        topic: back.topic.to_string(),
+                        bytes: back.value.len() + back.key.as_ref().map_or(0, Bytes::len),
                         error,
                     });
                     return;
@@ -134,7 +135,6 @@ mod tests {
     use crate::lsn::Lsn;
     use crate::sink::record::dead_letter;
     use crate::sink::SinkError;
-    use bytes::Bytes;
     use rdkafka::error::KafkaError;
     use std::sync::Mutex;
 

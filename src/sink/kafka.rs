@@ -20,7 +20,7 @@ use std::time::Duration;
 use crossbeam::channel::Sender;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
@@ -28,15 +28,42 @@ use rdkafka::producer::{
 use rdkafka::types::RDKafkaRespErr;
 
 use super::record::Record;
+use super::topics::CreateTopics;
 use super::SinkError;
 
-/// Producer tunables (from the command line).
-#[derive(Debug, Clone)]
-pub struct ProducerConfig {
+/// Kafka batch compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// LZ4: fast, the default.
+    #[default]
+    Lz4,
+    /// Zstandard: smaller, more CPU.
+    Zstd,
+    /// Snappy.
+    Snappy,
+    /// No compression.
+    None,
+}
+
+impl Compression {
+    /// The librdkafka `compression.type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+            Compression::Snappy => "snappy",
+            Compression::None => "none",
+        }
+    }
+}
+
+/// The producer's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkSettings {
     /// `bootstrap.servers`.
     pub brokers: String,
-    /// `compression.type`: lz4, zstd, snappy or none.
-    pub compression: String,
+    /// `compression.type`.
+    pub compression: Compression,
     /// `linger.ms`.
     pub linger_ms: u64,
     /// `batch.size` in bytes.
@@ -47,8 +74,27 @@ pub struct ProducerConfig {
     pub queue_messages: u64,
     /// `queue.buffering.max.kbytes`.
     pub queue_kbytes: u64,
-    /// Extra librdkafka properties, `key=value`.
+    /// `message.max.bytes`: the largest record the producer accepts (and
+    /// the `max.message.bytes` of topics it creates).
+    pub max_message_bytes: u64,
+    /// Extra librdkafka properties, `key=value`, applied last.
     pub extra: Vec<(String, String)>,
+}
+
+impl Default for SinkSettings {
+    fn default() -> Self {
+        SinkSettings {
+            brokers: "127.0.0.1:19092".to_owned(),
+            compression: Compression::Lz4,
+            linger_ms: 1,
+            batch_bytes: 1 << 20,
+            batch_messages: 10_000,
+            queue_messages: 20_000,
+            queue_kbytes: 16_384,
+            max_message_bytes: 1_000_000,
+            extra: Vec::new(),
+        }
+    }
 }
 
 /// A delivery report.
@@ -69,6 +115,8 @@ pub enum Delivery {
         opaque: usize,
         /// Where it was going.
         topic: String,
+        /// Its key + value bytes.
+        bytes: usize,
         /// Why.
         error: KafkaError,
     },
@@ -80,7 +128,26 @@ pub struct AckContext {
     wake: Arc<tokio::sync::Notify>,
 }
 
-impl ClientContext for AckContext {}
+impl ClientContext for AckContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info | RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", "{fac} {log_message}");
+            }
+            _ => crate::telemetry::KafkaTrouble {
+                message: &format_args!("{fac} {log_message}"),
+            }
+            .emit(),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        crate::telemetry::KafkaTrouble {
+            message: &format_args!("{error}: {reason}"),
+        }
+        .emit();
+    }
+}
 
 impl ProducerContext for AckContext {
     type DeliveryOpaque = usize;
@@ -103,6 +170,7 @@ impl ProducerContext for AckContext {
                 Delivery::Failed {
                     opaque,
                     topic: msg.topic().to_owned(),
+                    bytes: msg.payload_len() + msg.key().map_or(0, <[u8]>::len),
                     error: error.clone(),
                 }
             }
@@ -131,7 +199,7 @@ pub enum SendOutcome {
 impl KafkaProducer {
     /// Builds the producer. Acks go to `acks`; `wake` is notified after each.
     pub fn new(
-        cfg: &ProducerConfig,
+        cfg: &SinkSettings,
         acks: Sender<Delivery>,
         wake: Arc<tokio::sync::Notify>,
     ) -> Result<Self, SinkError> {
@@ -140,7 +208,7 @@ impl KafkaProducer {
             .set("client.id", "factlib")
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("compression.type", &cfg.compression)
+            .set("compression.type", cfg.compression.as_str())
             .set("linger.ms", cfg.linger_ms.to_string())
             .set("batch.size", cfg.batch_bytes.to_string())
             .set("batch.num.messages", cfg.batch_messages.to_string())
@@ -149,6 +217,7 @@ impl KafkaProducer {
                 cfg.queue_messages.to_string(),
             )
             .set("queue.buffering.max.kbytes", cfg.queue_kbytes.to_string())
+            .set("message.max.bytes", cfg.max_message_bytes.to_string())
             .set("message.timeout.ms", "0")
             .set("topic.metadata.refresh.interval.ms", "30000");
         for (k, v) in &cfg.extra {
@@ -230,15 +299,12 @@ impl KafkaProducer {
     }
 
     /// Creates `topic`; an already existing topic is fine.
-    pub async fn create_topic(
-        &self,
-        topic: &str,
-        partitions: i32,
-        replication: i32,
-    ) -> Result<(), SinkError> {
+    pub async fn create_topic(&self, topic: &str, c: CreateTopics) -> Result<(), SinkError> {
         let admin: AdminClient<DefaultClientContext> =
             self.config.create().map_err(SinkError::Config)?;
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let max_bytes = c.max_message_bytes.to_string();
+        let new = NewTopic::new(topic, c.partitions, TopicReplication::Fixed(c.replication))
+            .set("max.message.bytes", &max_bytes);
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let results =
             admin

@@ -23,10 +23,10 @@ pub mod kafka;
 pub mod record;
 pub mod topics;
 
-pub use kafka::{Delivery, KafkaProducer, ProducerConfig, SendOutcome};
+pub use kafka::{Compression, Delivery, KafkaProducer, SendOutcome, SinkSettings};
 pub use record::{HeaderSet, Record, RecordShape, ValueMode};
 
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::lsn::Lsn;
 
@@ -91,12 +91,67 @@ pub enum SinkError {
     /// Flushing timed out or failed.
     #[error("flushing the Kafka producer failed: {0}")]
     Flush(#[source] KafkaError),
+    /// A metadata request on the blocking pool did not finish.
+    #[error("a Kafka metadata request failed to run: {0}")]
+    Blocking(String),
 }
 
 impl SinkError {
-    /// True if retrying later may succeed (metadata while the broker is
-    /// away); false for errors that need someone to change something.
+    /// True if retrying later may succeed: Kafka unreachable or slow while
+    /// reading metadata or creating a topic. False for errors that need
+    /// someone to change something (configuration, permissions, a missing
+    /// topic, a record Kafka refuses).
     pub fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Metadata { .. } | SinkError::Flush(_))
+        match self {
+            SinkError::Metadata { source, .. } => !source
+                .rdkafka_error_code()
+                .is_some_and(|c| DEFINITE.contains(&c)),
+            SinkError::CreateTopic { source, .. } => source
+                .rdkafka_error_code()
+                .is_some_and(|c| UNREACHABLE.contains(&c)),
+            SinkError::Flush(_) => true,
+            SinkError::Config(_)
+            | SinkError::TopicMissing(_)
+            | SinkError::Produce { .. }
+            | SinkError::Blocking(_) => false,
+        }
     }
 }
+
+/// What to do about a record Kafka refused for good, as a line to append to
+/// the error; empty when there is nothing specific to say.
+pub fn refusal_advice(error: &KafkaError, max_message_bytes: u64) -> String {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge) => {
+            format!(
+                "\n  the record is over a size limit on its way to Kafka: the producer's \
+                 --max-message-bytes (librdkafka message.max.bytes, now {max_message_bytes}), the \
+                 topic's max.message.bytes, or the broker's message.max.bytes; raise each one \
+                 that is lower than the record (--max-message-bytes also sets max.message.bytes \
+                 on topics that --create-topics makes)"
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+/// Codes that mean the cluster could not be reached or did not answer in
+/// time.
+const UNREACHABLE: [RDKafkaErrorCode; 8] = [
+    RDKafkaErrorCode::OperationTimedOut,
+    RDKafkaErrorCode::RequestTimedOut,
+    RDKafkaErrorCode::BrokerTransportFailure,
+    RDKafkaErrorCode::AllBrokersDown,
+    RDKafkaErrorCode::NetworkException,
+    RDKafkaErrorCode::NotController,
+    RDKafkaErrorCode::LeaderNotAvailable,
+    RDKafkaErrorCode::BrokerNotAvailable,
+];
+
+/// Metadata answers that retrying does not change.
+const DEFINITE: [RDKafkaErrorCode; 4] = [
+    RDKafkaErrorCode::TopicAuthorizationFailed,
+    RDKafkaErrorCode::ClusterAuthorizationFailed,
+    RDKafkaErrorCode::InvalidTopic,
+    RDKafkaErrorCode::SaslAuthenticationFailed,
+];

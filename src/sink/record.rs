@@ -15,9 +15,10 @@ use crate::fact::view::{FactView, TextField, TraceRef};
 use crate::lsn::Lsn;
 
 /// What the record's value holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ValueMode {
     /// The whole protobuf envelope, as the emitter wrote it.
+    #[default]
     Envelope,
     /// Only the fact's payload bytes.
     Payload,
@@ -25,10 +26,11 @@ pub enum ValueMode {
 
 /// Which headers a fact's record carries. Each header costs librdkafka
 /// about 0.7 µs of CPU per record on the reference machine (perf/README.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HeaderSet {
     /// `factlib-id`, `factlib-event-type`, `factlib-lsn`, one per metadata
     /// entry, and `traceparent`/`tracestate` when the fact is traced.
+    #[default]
     Standard,
     /// `standard` plus `factlib-aggregate-type`.
     Full,
@@ -37,7 +39,7 @@ pub enum HeaderSet {
 }
 
 /// How facts become records: the value and the headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RecordShape {
     /// What the value holds.
     pub value: ValueMode,

@@ -1,103 +1,77 @@
-//! Kafka topic metadata for routing: partition counts, looked up once per
-//! topic and cached; missing topics created when allowed.
+//! Kafka topic metadata for routing: a topic's partition count, read from
+//! the cluster (and the topic created first when allowed).
 //!
 //! **Invariants**
-//! - A topic's partition count is read once per run, so a key maps to the
-//!   same partition for the whole run.
-//! - A missing topic is an error unless `--create-topics` is on.
+//! - Metadata is fetched on tokio's blocking pool, never on the caller's
+//!   runtime thread: librdkafka's `fetch_metadata` blocks for up to its
+//!   timeout, and the caller is the WAL reader.
+//! - A missing topic is an error unless topic creation is on.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::{KafkaProducer, SinkError};
 
-/// A topic the relay writes to.
-#[derive(Debug, Clone)]
-pub struct TopicInfo {
-    /// Its name, shared by every record.
-    pub name: Arc<str>,
-    /// Partition count.
-    pub partitions: u32,
-    /// The ring of its partition 0; partition `p` uses ring
-    /// `(ring_base + p) % rings`.
-    pub ring_base: usize,
-}
-
-/// Creation settings for `--create-topics`.
-#[derive(Debug, Clone, Copy)]
+/// Settings of topics created by the relay (`--create-topics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreateTopics {
     /// Partitions of a new topic.
     pub partitions: i32,
     /// Replication factor of a new topic.
     pub replication: i32,
+    /// The new topic's `max.message.bytes`.
+    pub max_message_bytes: u64,
 }
 
-/// The cache of topics seen so far.
+/// Looks topics up, creating them when allowed.
+#[derive(Clone)]
 pub struct Topics {
     producer: KafkaProducer,
     create: Option<CreateTopics>,
-    known: HashMap<String, TopicInfo>,
-    next_ring: usize,
     timeout: Duration,
 }
 
 impl Topics {
-    /// An empty cache. `create` is `Some` with `--create-topics`.
+    /// `create` is `Some` when missing topics are to be created.
     pub fn new(producer: KafkaProducer, create: Option<CreateTopics>) -> Self {
         Topics {
             producer,
             create,
-            known: HashMap::new(),
-            next_ring: 0,
             timeout: Duration::from_secs(10),
         }
     }
 
-    /// The topic's info, looking it up (and creating it) on first use.
-    pub async fn get(&mut self, topic: &str) -> Result<&TopicInfo, SinkError> {
-        if !self.known.contains_key(topic) {
-            let info = self.lookup(topic).await?;
-            self.known.insert(topic.to_owned(), info);
+    /// The partition count of `topic`, creating it first if it is missing
+    /// and creation is on.
+    pub async fn partitions(&self, topic: &str) -> Result<u32, SinkError> {
+        if let Some(n) = self.fetch(topic).await? {
+            return Ok(n);
         }
-        self.known
-            .get(topic)
-            .ok_or_else(|| SinkError::TopicMissing(topic.to_owned()))
+        let Some(c) = self.create else {
+            return Err(SinkError::TopicMissing(topic.to_owned()));
+        };
+        self.producer.create_topic(topic, c).await?;
+        tracing::info!(
+            topic,
+            partitions = c.partitions,
+            replication = c.replication,
+            "created topic"
+        );
+        // Metadata may lag creation for a moment.
+        for _ in 0..50 {
+            if let Some(n) = self.fetch(topic).await? {
+                return Ok(n);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(SinkError::TopicMissing(topic.to_owned()))
     }
 
-    async fn lookup(&mut self, topic: &str) -> Result<TopicInfo, SinkError> {
-        let mut partitions = self.producer.partitions(topic, self.timeout)?;
-        if partitions.is_none() {
-            let Some(c) = self.create else {
-                return Err(SinkError::TopicMissing(topic.to_owned()));
-            };
-            self.producer
-                .create_topic(topic, c.partitions, c.replication)
-                .await?;
-            tracing::info!(
-                topic,
-                partitions = c.partitions,
-                replication = c.replication,
-                "created topic"
-            );
-            // Metadata may lag creation for a moment.
-            for _ in 0..50 {
-                partitions = self.producer.partitions(topic, self.timeout)?;
-                if partitions.is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        let partitions = partitions.ok_or_else(|| SinkError::TopicMissing(topic.to_owned()))?;
-        let ring_base = self.next_ring;
-        self.next_ring = self
-            .next_ring
-            .wrapping_add(usize::try_from(partitions).unwrap_or(1));
-        Ok(TopicInfo {
-            name: Arc::from(topic),
-            partitions,
-            ring_base,
-        })
+    /// One metadata request, on the blocking pool.
+    async fn fetch(&self, topic: &str) -> Result<Option<u32>, SinkError> {
+        let producer = self.producer.clone();
+        let (name, timeout) = (topic.to_owned(), self.timeout);
+        tokio::task::spawn_blocking(move || producer.partitions(&name, timeout))
+            .await
+            .map_err(|e| SinkError::Blocking(e.to_string()))?
     }
 }

@@ -17,7 +17,11 @@
 //!   while we are healthy. Keepalives are noted (server LSN, reply) as their
 //!   run arrives, before the caller walks it.
 
+mod conn;
 pub mod transport;
+
+pub(crate) use conn::error_chain;
+pub use conn::{ConnectionConfig, UrlError};
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -27,7 +31,6 @@ use bytes::BytesMut;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::{ConnectionConfig, SourceArgs, Transport};
 use crate::lsn::Lsn;
 use crate::pgwire::backend::{Backend, CopyRun, ServerError};
 use crate::pgwire::replication::{
@@ -133,6 +136,64 @@ impl SourceError {
     }
 }
 
+/// Which socket implementation reads the replication stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// io_uring if the kernel allows it, else tokio.
+    #[default]
+    Auto,
+    /// io_uring through tokio-uring; fails if unavailable.
+    Uring,
+    /// Plain tokio (epoll).
+    Tokio,
+}
+
+impl Transport {
+    /// The transport this resolves to on this machine: `Auto` becomes
+    /// io_uring when the kernel allows it, else tokio.
+    pub fn resolve(self) -> Transport {
+        transport::resolve(self)
+    }
+
+    /// A short name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Uring => "io_uring",
+            Transport::Tokio => "tokio",
+        }
+    }
+}
+
+/// Replication-connection settings, shared by `tail` and `relay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSettings {
+    /// The socket transport.
+    pub transport: Transport,
+    /// How often to send a standby status update (also sent whenever the
+    /// server asks).
+    pub status_interval: Duration,
+    /// Size of each socket read buffer, in bytes.
+    pub read_buffer: usize,
+    /// Read batches queued between the socket reader and the decoder before
+    /// the reader stops reading (backpressure).
+    pub read_queue: usize,
+    /// Give up connecting after this long.
+    pub connect_timeout: Duration,
+}
+
+impl Default for SourceSettings {
+    fn default() -> Self {
+        SourceSettings {
+            transport: Transport::Auto,
+            status_interval: Duration::from_secs(10),
+            read_buffer: 1 << 20,
+            read_queue: 4,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The answer to `IDENTIFY_SYSTEM`.
 #[derive(Debug, Clone)]
 pub struct SystemIdentity {
@@ -166,7 +227,10 @@ pub struct ReplicationStream {
 
 impl ReplicationStream {
     /// Connects with `replication=database` and authenticates.
-    pub async fn connect(conn: &ConnectionConfig, args: &SourceArgs) -> Result<Self, SourceError> {
+    pub async fn connect(
+        conn: &ConnectionConfig,
+        settings: &SourceSettings,
+    ) -> Result<Self, SourceError> {
         let target = format!("{}:{}", conn.host, conn.port);
         let addr: SocketAddr = target
             .to_socket_addrs()
@@ -179,17 +243,19 @@ impl ReplicationStream {
                 addr: target.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "host did not resolve"),
             })?;
-        let read_buffer = usize::try_from(args.read_buffer).unwrap_or(1 << 20);
-        let queue = usize::try_from(args.read_queue).unwrap_or(4);
-        let connecting = transport::connect(args.transport, addr, read_buffer, queue);
-        let (writer, rx) =
-            tokio::time::timeout(Duration::from_millis(args.connect_timeout_ms), connecting)
-                .await
-                .map_err(|_| SourceError::ConnectTimeout(target.clone()))?
-                .map_err(|source| SourceError::Connect {
-                    addr: target.clone(),
-                    source,
-                })?;
+        let connecting = transport::connect(
+            settings.transport,
+            addr,
+            settings.read_buffer,
+            settings.read_queue,
+        );
+        let (writer, rx) = tokio::time::timeout(settings.connect_timeout, connecting)
+            .await
+            .map_err(|_| SourceError::ConnectTimeout(target.clone()))?
+            .map_err(|source| SourceError::Connect {
+                addr: target.clone(),
+                source,
+            })?;
         let mut s = ReplicationStream {
             rx,
             pending: VecDeque::new(),
@@ -198,8 +264,8 @@ impl ReplicationStream {
             out: BytesMut::with_capacity(1024),
             ready: Ready::default(),
             confirmed: Lsn::INVALID,
-            status_interval: args.status_interval(),
-            next_status: Instant::now() + args.status_interval(),
+            status_interval: settings.status_interval,
+            next_status: Instant::now() + settings.status_interval,
             server_lsn: Lsn::INVALID,
         };
         let params = StartupParams {
@@ -572,9 +638,4 @@ impl ReplicationStream {
         .await;
         Ok(())
     }
-}
-
-/// The transport that `--transport` resolves to here.
-pub fn effective_transport(t: Transport) -> Transport {
-    transport::resolve(t)
 }

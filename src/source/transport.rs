@@ -28,10 +28,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_uring::buf::BoundedBuf;
 
-use crate::config::Transport;
 use crate::pgwire::backend::{self, Backend};
 
-use super::SourceError;
+use super::{SourceError, Transport};
 
 /// What the reader task sends: one read's worth of messages, or why it stopped.
 pub(crate) type ReadBatch = Result<Vec<Backend>, SourceError>;
@@ -42,7 +41,7 @@ pub fn uring_available() -> bool {
 }
 
 /// The transport `auto` resolves to on this machine.
-pub fn resolve(t: Transport) -> Transport {
+pub(super) fn resolve(t: Transport) -> Transport {
     match t {
         Transport::Auto if uring_available() => Transport::Uring,
         Transport::Auto => Transport::Tokio,

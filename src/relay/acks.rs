@@ -1,0 +1,248 @@
+//! The ack ledger: delivery reports from the sink, back to the stream's
+//! units.
+//!
+//! ```text
+//!  progress::Stream ──token──► Acks::opaque ──(generation, token) packed──► Record.opaque
+//!  librdkafka delivery report / flusher failure ──Delivery──► channel ──► Acks::apply ──► Stream::ack
+//! ```
+//!
+//! Owns the packing of a token into rdkafka's `DeliveryOpaque`, the
+//! connection generation, and waiting for acks.
+//!
+//! **Invariants**
+//! - An ack applies only to the connection generation that issued its
+//!   token; acks for an older connection (whose stream was restarted) are
+//!   counted but change nothing.
+//! - A permanent delivery failure is an error: nothing after the failed
+//!   fact is confirmed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{Receiver, TryRecvError};
+use tokio::sync::{watch, Notify};
+
+use super::{Refused, RelayError};
+use crate::progress::{Stream, Token};
+use crate::sink::{refusal_advice, Delivery};
+use crate::telemetry;
+
+/// How [`Acks::drain`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Drained {
+    /// Nothing is in flight.
+    All,
+    /// The limit passed first.
+    TimedOut,
+    /// A stop was requested while waiting without a limit.
+    Stopped,
+}
+
+/// Delivery reports, applied to the stream of the current connection.
+pub(super) struct Acks {
+    rx: Receiver<Delivery>,
+    wake: Arc<Notify>,
+    generation: u32,
+    /// For the advice on a record that is too large.
+    max_message_bytes: u64,
+}
+
+impl Acks {
+    /// A ledger reading `rx`; the sink notifies `wake` after each report.
+    pub(super) fn new(rx: Receiver<Delivery>, wake: Arc<Notify>, max_message_bytes: u64) -> Self {
+        Acks {
+            rx,
+            wake,
+            generation: 0,
+            max_message_bytes,
+        }
+    }
+
+    /// The opaque a record of the fact with `token` carries.
+    pub(super) fn opaque(&self, token: Token) -> usize {
+        Opaque {
+            generation: self.generation,
+            token,
+        }
+        .into_raw()
+    }
+
+    /// A new connection: acks of the old one no longer count.
+    pub(super) fn next_generation(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    /// Applies every report received so far.
+    pub(super) fn apply(&mut self, stream: &mut Stream) -> Result<(), RelayError> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Delivery::Acked { opaque, bytes }) => {
+                    let o = Opaque::from_raw(opaque);
+                    if o.generation == self.generation {
+                        stream.ack(o.token)?;
+                    }
+                    telemetry::acked(1, bytes);
+                }
+                Ok(Delivery::Failed {
+                    topic,
+                    bytes,
+                    error,
+                    ..
+                }) => {
+                    return Err(RelayError::Delivery(Box::new(Refused {
+                        advice: refusal_advice(&error, self.max_message_bytes),
+                        topic,
+                        bytes,
+                        error,
+                    })))
+                }
+                Ok(Delivery::Broken(e)) => return Err(RelayError::Sink(e)),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return Ok(()),
+            }
+        }
+    }
+
+    /// Resolves when a report may have arrived.
+    pub(super) async fn arrived(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Applies reports until nothing is in flight, `limit` passes, or (with
+    /// no limit) a stop is requested.
+    pub(super) async fn drain(
+        &mut self,
+        stream: &mut Stream,
+        stop: &mut watch::Receiver<bool>,
+        limit: Option<Duration>,
+    ) -> Result<Drained, RelayError> {
+        let deadline = limit.map(|l| Instant::now() + l);
+        loop {
+            self.apply(stream)?;
+            if stream.in_flight() == 0 {
+                return Ok(Drained::All);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(Drained::TimedOut);
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed(), if limit.is_none() => {
+                    if *stop.borrow() {
+                        return Ok(Drained::Stopped);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The ack token in a record's delivery opaque: connection generation plus
+/// the stream's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Opaque {
+    generation: u32,
+    token: Token,
+}
+
+impl Opaque {
+    const TOKEN_BITS: u32 = 40;
+
+    fn into_raw(self) -> usize {
+        let t = self.token.into_raw() & ((1 << Self::TOKEN_BITS) - 1);
+        usize::try_from((u64::from(self.generation) << Self::TOKEN_BITS) | t).unwrap_or(usize::MAX)
+    }
+
+    fn from_raw(raw: usize) -> Self {
+        let raw = u64::try_from(raw).unwrap_or(u64::MAX);
+        Opaque {
+            generation: u32::try_from(raw >> Self::TOKEN_BITS).unwrap_or(u32::MAX),
+            token: Token::from_raw(raw & ((1 << Self::TOKEN_BITS) - 1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Lsn;
+    use bytes::Bytes;
+
+    #[test]
+    fn opaque_round_trips() {
+        for (g, t) in [(0u32, 0u64), (1, 5), (7, (1 << 40) - 1), (0xFF_FFFF, 123)] {
+            let o = Opaque {
+                generation: g,
+                token: Token::from_raw(t),
+            };
+            assert_eq!(Opaque::from_raw(o.into_raw()), o);
+        }
+    }
+
+    /// A stream with one lone fact at 0x10 in flight, and its token.
+    fn one_fact() -> (Stream, Token) {
+        let mut body = vec![b'w'];
+        body.extend_from_slice(&[0; 24]);
+        body.push(b'M');
+        body.push(0);
+        body.extend_from_slice(&0x10u64.to_be_bytes());
+        body.extend_from_slice(b"p\0");
+        body.extend_from_slice(&1u32.to_be_bytes());
+        body.push(b'x');
+        let len = body.len();
+        let mut s = Stream::new("p", Lsn(0));
+        let f = s.handle(&Bytes::from(body), 0..len).unwrap().unwrap();
+        (s, f.token)
+    }
+
+    #[test]
+    fn acks_of_an_older_generation_change_nothing() {
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let mut acks = Acks::new(rx, Arc::new(Notify::new()), 1);
+        let (mut stream, token) = one_fact();
+        let old = acks.opaque(token);
+        acks.next_generation();
+        tx.send(Delivery::Acked {
+            opaque: old,
+            bytes: 1,
+        })
+        .unwrap();
+        acks.apply(&mut stream).unwrap();
+        assert_eq!(stream.in_flight(), 1);
+        tx.send(Delivery::Acked {
+            opaque: acks.opaque(token),
+            bytes: 1,
+        })
+        .unwrap();
+        acks.apply(&mut stream).unwrap();
+        assert_eq!(stream.in_flight(), 0);
+        assert_eq!(stream.watermark(), Lsn(0x10));
+    }
+
+    #[test]
+    fn a_failed_delivery_is_an_error_with_advice() {
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let mut acks = Acks::new(rx, Arc::new(Notify::new()), 1_000_000);
+        let (mut stream, token) = one_fact();
+        tx.send(Delivery::Failed {
+            opaque: acks.opaque(token),
+            topic: "t".into(),
+            bytes: 3 << 20,
+            error: rdkafka::error::KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge,
+            ),
+        })
+        .unwrap();
+        let e = acks.apply(&mut stream).unwrap_err().to_string();
+        for part in [
+            "3145728 bytes",
+            "--max-message-bytes",
+            "message.max.bytes, now 1000000",
+            "topic's max.message.bytes",
+            "broker's message.max.bytes",
+        ] {
+            assert!(e.contains(part), "{part:?} missing from: {e}");
+        }
+        assert_eq!(stream.watermark(), Lsn(0), "nothing confirmed past it");
+    }
+}
