@@ -26,6 +26,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // A log line that can't be written (stderr closed, as in
+        // `factlib relay 2>&1 | head -1`) is dropped; reporting that on
+        // stderr as well would panic.
+        .log_internal_errors(false)
         .init();
 
     let t = match &cli.command {

@@ -596,3 +596,153 @@ async fn missing_topic_stops_clearly_and_payload_mode_sends_the_payload() {
     }
     teardown(&slot, &publication).await;
 }
+
+/// Two bugs: a protobuf holding only `aggregate_type` was relayed as an
+/// ordinary fact (empty key, empty `factlib-id`), and `aggregate_type =
+/// "dlq"` rendered to the dead-letter topic, mixing with dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incomplete_facts_and_reserved_topics_become_dead_letters() {
+    let (slot, publication) = (unique("rreq"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let incomplete = factlib::fact::encode(&factlib::fact::Fact {
+        aggregate_type: "order".into(),
+        ..Default::default()
+    });
+    sql()
+        .await
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)",
+            &[&prefix, &incomplete],
+        )
+        .await
+        .unwrap();
+    let mut c = sql().await;
+    let tx = c.transaction().await.unwrap();
+    let (reserved, _) = emit(&tx, &prefix, fact("dlq", "d-1", 0, false))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let after = emit_facts(&prefix, 3, 2, 1).await;
+
+    let child = spawn(relay(&slot, &publication, &prefix));
+    let mut want_topics = topics(&prefix);
+    want_topics.push(format!("{prefix}.dlq"));
+    let got = tokio::task::spawn_blocking(move || {
+        consume(
+            &want_topics,
+            8,
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    stop_ok(child).await;
+    let (dlq, facts): (Vec<_>, Vec<_>) = got.into_iter().partition(|c| c.topic.ends_with(".dlq"));
+    assert_eq!(dlq.len(), 2, "two dead letters: {dlq:?}");
+    assert_eq!(dlq[0].value, incomplete, "the raw bytes");
+    let error = dlq[0].header("factlib-error").unwrap_or_default();
+    assert!(error.contains("required field id"), "{error}");
+    let error = dlq[1].header("factlib-error").unwrap_or_default();
+    assert!(error.contains("reserved"), "{error}");
+    assert_eq!(
+        dlq[1].value,
+        factlib::fact::encode(&reserved),
+        "the fact's own bytes"
+    );
+    assert_eq!(check_delivery(&after, &facts, 3), 0);
+    teardown(&slot, &publication).await;
+}
+
+/// The bug: a 3 MiB fact failed on librdkafka's own `message.max.bytes`
+/// (1,000,000), but the error blamed only the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fact_over_the_size_limit_names_every_limit_and_passes_once_raised() {
+    let big_fact = |prefix: String| async move {
+        let mut c = sql().await;
+        let tx = c.transaction().await.unwrap();
+        let mut big = fact("order", "big", 1, false);
+        big.payload = Bytes::from(vec![b'x'; 3 << 20]);
+        let (f, lsn) = emit(&tx, &prefix, big).await.unwrap();
+        tx.commit().await.unwrap();
+        (f, lsn)
+    };
+
+    // With the default limit: stopped, with every setting named.
+    let (slot, publication) = (unique("rbig"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let (_, big_lsn) = big_fact(prefix.clone()).await;
+    let r = run(relay(&slot, &publication, &prefix), Duration::from_secs(60)).await;
+    assert_ne!(r.code, 0, "the relay stops");
+    for part in [
+        "--max-message-bytes",
+        "message.max.bytes, now 1000000",
+        "topic's max.message.bytes",
+        "broker's message.max.bytes",
+    ] {
+        assert!(r.stderr.contains(part), "{part:?} missing:\n{}", r.stderr);
+    }
+    let confirmed: Lsn = confirmed_flush(&slot).await.parse().unwrap();
+    assert!(confirmed < big_lsn, "{confirmed} >= {big_lsn}");
+    teardown(&slot, &publication).await;
+
+    // Raised: the topic is created with the same limit, and the fact goes through.
+    let (slot, publication) = (unique("rbig"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let (want, _) = big_fact(prefix.clone()).await;
+    let mut cmd = relay(&slot, &publication, &prefix);
+    cmd.args(["--max-message-bytes", "4194304"]);
+    let child = spawn(cmd);
+    let t = vec![format!("{prefix}.order")];
+    let got = tokio::task::spawn_blocking(move || {
+        consume(&t, 1, Duration::from_secs(1), Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    stop_ok(child).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].value, factlib::fact::encode(&want));
+    teardown(&slot, &publication).await;
+}
+
+/// Three small bugs of the command line: the relay dropped the cause of a
+/// bad connection string, an invalid `--log` filter silently fell back to
+/// `info`, and with stderr closed the process panicked (exit 101).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_errors_say_why_and_a_closed_stderr_is_no_panic() {
+    let (slot, publication) = (unique("rcli"), unique("pub"));
+    let prefix = format!("p{slot}");
+    let mut cmd = relay(&slot, &publication, &prefix);
+    cmd.env(
+        "FACTLIB_DATABASE_URL",
+        "postgresql://u@127.0.0.1:notaport/db",
+    );
+    let r = run(cmd, Duration::from_secs(30)).await;
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("invalid --database-url"), "{}", r.stderr);
+    assert!(r.stderr.contains("port"), "the cause is kept: {}", r.stderr);
+
+    let mut cmd = relay(&slot, &publication, &prefix);
+    cmd.env("FACTLIB_LOG", "factlib=notalevel");
+    let r = run(cmd, Duration::from_secs(30)).await;
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("invalid --log"), "{}", r.stderr);
+
+    setup(&slot, &publication).await;
+    let mut child = spawn(relay(&slot, &publication, &prefix));
+    // Read the first line, then close stderr, as `2>&1 | head -1` does.
+    let mut err = child.stderr.take().unwrap();
+    let mut first = [0u8; 64];
+    let n = tokio::io::AsyncReadExt::read(&mut err, &mut first)
+        .await
+        .unwrap();
+    assert!(n > 0);
+    drop(err);
+    // Progress lines every second now fail to write.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_ok(child).await;
+    teardown(&slot, &publication).await;
+}

@@ -273,3 +273,81 @@ async fn postgres_restart_mid_stream_reconnects_and_loses_nothing() {
     );
     teardown(&slot, &publication).await;
 }
+
+/// Two bugs: a relay that first looked a topic up while Kafka was away
+/// exited with status 2, where it should wait and say so; and while Kafka
+/// was away it logged about 40 ERROR lines a second (each librdkafka error
+/// twice). Also: a stop during the outage ends the relay cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_while_kafka_is_away_waits_quietly_then_delivers() {
+    let _serial = SERIAL.lock().await;
+    let (slot, publication) = (unique("fnokafka"), unique("pub"));
+    let prefix = format!("p{slot}");
+    let topic = format!("{prefix}.order");
+    setup(&slot, &publication).await;
+    stop_kafka().await;
+    let ids = emit_ids(&prefix, 5, 4, 0).await;
+
+    // A stop while waiting for Kafka ends the relay cleanly, confirming nothing.
+    let first = spawn(relay(&slot, &publication, &prefix));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop_ok(first).await;
+
+    let mut child = spawn(relay(&slot, &publication, &prefix));
+    let outage = Duration::from_secs(15);
+    tokio::time::sleep(outage).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the relay waits for Kafka instead of exiting"
+    );
+    let confirmed: Lsn = confirmed_flush(&slot).await.parse().unwrap();
+    start_env().await;
+    let n = ids.len();
+    let records = tokio::task::spawn_blocking(move || {
+        consume(
+            &[topic],
+            n,
+            Duration::from_secs(2),
+            Duration::from_secs(120),
+        )
+    })
+    .await
+    .unwrap();
+    let got: Vec<String> = records
+        .iter()
+        .map(|c| c.header("factlib-id").expect("factlib-id"))
+        .collect();
+    check_all(&ids, &got);
+    // Nothing was acknowledged, so the slot stayed before the first
+    // transaction's commit (a keepalive may pass its earlier records).
+    let first_commit: Lsn = records
+        .iter()
+        .find(|c| c.header("factlib-id").as_deref() == Some(ids[0].as_str()))
+        .and_then(|c| c.header("factlib-lsn"))
+        .expect("factlib-lsn")
+        .parse()
+        .unwrap();
+    assert!(
+        confirmed < first_commit,
+        "confirmed {confirmed} while Kafka was away, past the commit {first_commit}"
+    );
+    let out = stop_ok(child).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is Kafka reachable") && stderr.contains("retrying"),
+        "the relay says why it waits:\n{stderr}"
+    );
+    // librdkafka's complaints are folded into one line per 10 s, and the
+    // relay's own retries are one line each (one attempt per metadata
+    // timeout of 10 s): a handful over the outage, not hundreds.
+    let complaints = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count();
+    println!("kafka away at start: {complaints} WARN/ERROR lines over a {outage:?} outage");
+    assert!(
+        complaints <= 12,
+        "{complaints} WARN/ERROR lines over a {outage:?} outage:\n{stderr}"
+    );
+    teardown(&slot, &publication).await;
+}

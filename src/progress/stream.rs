@@ -238,11 +238,11 @@ impl Stream {
     }
 
     /// Starts over for a new connection, which streams again from the
-    /// watermark; returns that position. Whatever was open or held is
-    /// dropped: the server sends it again. Call it once nothing is in
-    /// flight, so that no ack for the old connection is still owed.
+    /// watermark; returns that position. Whatever was open, held or not yet
+    /// acked is dropped: the server sends it again from the watermark, which
+    /// never passed it. Acks for the old connection's tokens must not reach
+    /// the new stream.
     pub fn restart(&mut self) -> Lsn {
-        debug_assert_eq!(self.in_flight(), 0, "restart with facts in flight");
         let mark = self.tracker.watermark();
         self.tracker = Tracker::new(mark);
         self.open = None;

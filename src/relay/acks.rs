@@ -7,12 +7,17 @@
 //! ```
 //!
 //! Owns the packing of a token into rdkafka's `DeliveryOpaque`, the
-//! connection generation, and waiting for acks.
+//! connection generation, the count of records handed to the sink and not
+//! yet acknowledged, and waiting for acks.
 //!
 //! **Invariants**
 //! - An ack applies only to the connection generation that issued its
 //!   token; acks for an older connection (whose stream was restarted) are
 //!   counted but change nothing.
+//! - [`Acks::drain`] waits for the records handed to the sink, not for
+//!   every fact the stream handed out: a fact whose record never reached a
+//!   ring (its session ended first) has no ack coming. Its unit stays
+//!   unconfirmed, so it is streamed again.
 //! - A permanent delivery failure is an error: nothing after the failed
 //!   fact is confirmed.
 
@@ -43,6 +48,8 @@ pub(super) struct Acks {
     rx: Receiver<Delivery>,
     wake: Arc<Notify>,
     generation: u32,
+    /// Records of this generation handed to the sink and not yet acked.
+    outstanding: usize,
     /// For the advice on a record that is too large.
     max_message_bytes: u64,
 }
@@ -54,6 +61,7 @@ impl Acks {
             rx,
             wake,
             generation: 0,
+            outstanding: 0,
             max_message_bytes,
         }
     }
@@ -67,9 +75,20 @@ impl Acks {
         .into_raw()
     }
 
+    /// A record carrying [`Acks::opaque`] was handed to the sink.
+    pub(super) fn handed(&mut self) {
+        self.outstanding += 1;
+    }
+
+    /// Records handed to the sink and not yet acked.
+    pub(super) fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
     /// A new connection: acks of the old one no longer count.
     pub(super) fn next_generation(&mut self) {
         self.generation = self.generation.wrapping_add(1);
+        self.outstanding = 0;
     }
 
     /// Applies every report received so far.
@@ -80,6 +99,7 @@ impl Acks {
                     let o = Opaque::from_raw(opaque);
                     if o.generation == self.generation {
                         stream.ack(o.token)?;
+                        self.outstanding = self.outstanding.saturating_sub(1);
                     }
                     telemetry::acked(1, bytes);
                 }
@@ -107,8 +127,8 @@ impl Acks {
         self.wake.notified().await;
     }
 
-    /// Applies reports until nothing is in flight, `limit` passes, or (with
-    /// no limit) a stop is requested.
+    /// Applies reports until every record handed to the sink is acked,
+    /// `limit` passes, or (with no limit) a stop is requested.
     pub(super) async fn drain(
         &mut self,
         stream: &mut Stream,
@@ -118,7 +138,7 @@ impl Acks {
         let deadline = limit.map(|l| Instant::now() + l);
         loop {
             self.apply(stream)?;
-            if stream.in_flight() == 0 {
+            if self.outstanding == 0 {
                 return Ok(Drained::All);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -201,6 +221,7 @@ mod tests {
         let mut acks = Acks::new(rx, Arc::new(Notify::new()), 1);
         let (mut stream, token) = one_fact();
         let old = acks.opaque(token);
+        acks.handed();
         acks.next_generation();
         tx.send(Delivery::Acked {
             opaque: old,
@@ -209,6 +230,7 @@ mod tests {
         .unwrap();
         acks.apply(&mut stream).unwrap();
         assert_eq!(stream.in_flight(), 1);
+        acks.handed();
         tx.send(Delivery::Acked {
             opaque: acks.opaque(token),
             bytes: 1,
@@ -217,6 +239,27 @@ mod tests {
         acks.apply(&mut stream).unwrap();
         assert_eq!(stream.in_flight(), 0);
         assert_eq!(stream.watermark(), Lsn(0x10));
+    }
+
+    /// The hang: a session that ended between handing a fact out and
+    /// pushing its record left the drain waiting for an ack that could
+    /// never come.
+    #[test]
+    fn drain_waits_only_for_records_handed_to_the_sink() {
+        let (_tx, rx) = crossbeam::channel::unbounded();
+        let mut acks = Acks::new(rx, Arc::new(Notify::new()), 1);
+        let (mut stream, _never_pushed) = one_fact();
+        let (_, mut stop) = watch::channel(false);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let drained = rt.block_on(acks.drain(&mut stream, &mut stop, Some(Duration::ZERO)));
+        assert_eq!(drained.unwrap(), Drained::All);
+        assert_eq!(stream.watermark(), Lsn(0), "its unit stays unconfirmed");
+        acks.handed();
+        let drained = rt.block_on(acks.drain(&mut stream, &mut stop, Some(Duration::ZERO)));
+        assert_eq!(drained.unwrap(), Drained::TimedOut);
     }
 
     #[test]

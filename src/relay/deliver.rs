@@ -13,11 +13,14 @@
 //! - While waiting (for ring space, or for a topic's metadata) standby
 //!   status updates keep going out, so the walsender does not time us out;
 //!   and nothing more is read from the socket, so memory stays bounded.
+//! - A stop request ends a wait: the fact is then not pushed, and its unit
+//!   is not confirmed (its token stays unacked).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::watch;
 
 use super::RelayError;
 use crate::fact::{decode_view_or_return, FactView};
@@ -32,6 +35,15 @@ use crate::telemetry;
 
 /// How often a wait sends a status update (when one is due).
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// What became of a fact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Delivered {
+    /// Its record (or dead letter) is on its ring.
+    Pushed,
+    /// A stop was requested while waiting; nothing was pushed.
+    Stopped,
+}
 
 /// Turns facts into records on their rings.
 pub(super) struct Deliver {
@@ -61,67 +73,75 @@ impl Deliver {
         &mut self,
         fact: progress::Fact,
         opaque: usize,
-        conn: &mut ReplicationStream,
-    ) -> Result<(), RelayError> {
+        w: &mut Waiting<'_>,
+    ) -> Result<Delivered, RelayError> {
         let position = fact.position();
-        let (ring, mut rec) = match decode_view_or_return(fact.content) {
-            Ok(view) => self.record(view, position, opaque, conn).await?,
-            Err((e, raw)) => {
-                self.dead(raw, &e.to_string(), position, opaque, conn)
-                    .await?
-            }
+        let made = match decode_view_or_return(fact.content) {
+            Ok(view) => self.record(view, position, opaque, w).await?,
+            Err((e, raw)) => self.dead(raw, &e.to_string(), position, opaque, w).await?,
+        };
+        let Some((ring, mut rec)) = made else {
+            return Ok(Delivered::Stopped);
         };
         rec.txn_end = fact.unit_end;
-        self.push(ring, rec, conn).await?;
+        if !self.push(ring, rec, w).await? {
+            return Ok(Delivered::Stopped);
+        }
         telemetry::produced(1);
-        Ok(())
+        Ok(Delivered::Pushed)
     }
 
-    /// The record of a decoded fact, or its dead letter.
+    /// The record of a decoded fact, or its dead letter; `None` if a stop
+    /// came while waiting for a topic's metadata.
     async fn record(
         &mut self,
         view: FactView,
         position: Lsn,
         opaque: usize,
-        conn: &mut ReplicationStream,
-    ) -> Result<(usize, Record), RelayError> {
+        w: &mut Waiting<'_>,
+    ) -> Result<Option<(usize, Record)>, RelayError> {
         if let Err(e) = view.check_required() {
             let raw = view.into_envelope();
-            return self.dead(raw, &e.to_string(), position, opaque, conn).await;
+            return self.dead(raw, &e.to_string(), position, opaque, w).await;
         }
         let routed = match self.router.route(&view) {
             Ok(Routed::Unknown(topic)) => {
-                self.learn(&topic, conn).await?;
+                if !self.learn(&topic, w).await? {
+                    return Ok(None);
+                }
                 self.router.route(&view)
             }
             other => other,
         };
         match routed {
-            Ok(Routed::To(to)) => Ok((
+            Ok(Routed::To(to)) => Ok(Some((
                 to.ring,
                 fact_record(view, self.shape, position, to.topic, to.partition, opaque),
-            )),
+            ))),
             Ok(Routed::Unknown(_)) => Err(RelayError::Internal("a learned topic is unknown")),
             Err(e) => {
                 let raw = view.into_envelope();
-                self.dead(raw, &e.to_string(), position, opaque, conn).await
+                self.dead(raw, &e.to_string(), position, opaque, w).await
             }
         }
     }
 
-    /// A dead-letter record for a fact that cannot be relayed as itself.
+    /// A dead-letter record for a fact that cannot be relayed as itself;
+    /// `None` if a stop came while waiting for the DLQ's metadata.
     async fn dead(
         &mut self,
         raw: Bytes,
         error: &str,
         position: Lsn,
         opaque: usize,
-        conn: &mut ReplicationStream,
-    ) -> Result<(usize, Record), RelayError> {
+        w: &mut Waiting<'_>,
+    ) -> Result<Option<(usize, Record)>, RelayError> {
         let to = match self.router.dead_letter() {
             Routed::To(to) => to,
             Routed::Unknown(topic) => {
-                self.learn(&topic, conn).await?;
+                if !self.learn(&topic, w).await? {
+                    return Ok(None);
+                }
                 match self.router.dead_letter() {
                     Routed::To(to) => to,
                     Routed::Unknown(_) => {
@@ -141,45 +161,65 @@ impl Deliver {
             error,
         }
         .emit();
-        Ok((
+        Ok(Some((
             ring,
             dead_letter(raw, error, position, topic, partition, opaque),
-        ))
+        )))
     }
 
     /// Looks `topic` up (off this thread) and teaches the router its
-    /// partition count.
-    async fn learn(&mut self, topic: &str, conn: &mut ReplicationStream) -> Result<(), RelayError> {
-        let lookup = self.topics.partitions(topic);
-        tokio::pin!(lookup);
-        let partitions = loop {
-            tokio::select! {
-                r = &mut lookup => break r?,
-                _ = tokio::time::sleep(KEEP_ALIVE_EVERY) => conn.keep_alive().await?,
-            }
+    /// partition count. False if a stop came first.
+    async fn learn(&mut self, topic: &str, w: &mut Waiting<'_>) -> Result<bool, RelayError> {
+        let Some(partitions) = w.until(self.topics.partitions(topic)).await? else {
+            return Ok(false);
         };
-        self.router.learn(topic, partitions);
-        Ok(())
+        self.router.learn(topic, partitions?);
+        Ok(true)
     }
 
-    /// Pushes onto a ring, waiting while it is full.
+    /// Pushes onto a ring, waiting while it is full. False if a stop came
+    /// first.
     async fn push(
         &self,
         ring: usize,
         mut rec: Record,
-        conn: &mut ReplicationStream,
-    ) -> Result<(), RelayError> {
+        w: &mut Waiting<'_>,
+    ) -> Result<bool, RelayError> {
         loop {
             match self.rings.try_push(ring, rec) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(true),
                 Err(back) => rec = back,
             }
             if self.rings.is_closed() {
                 return Err(RelayError::Internal("rings closed while relaying"));
             }
+            if w.until(self.rings.room(ring)).await?.is_none() {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// What a wait inside [`Deliver::fact`] needs: the connection to keep
+/// alive, and the stop request that ends it.
+pub(super) struct Waiting<'a> {
+    pub(super) conn: &'a mut ReplicationStream,
+    pub(super) stop: &'a mut watch::Receiver<bool>,
+}
+
+impl Waiting<'_> {
+    /// Awaits `fut`, sending status updates when due; `None` if a stop is
+    /// requested first.
+    async fn until<F: std::future::Future>(
+        &mut self,
+        fut: F,
+    ) -> Result<Option<F::Output>, RelayError> {
+        tokio::pin!(fut);
+        loop {
             tokio::select! {
-                _ = self.rings.room(ring) => {}
-                _ = tokio::time::sleep(KEEP_ALIVE_EVERY) => conn.keep_alive().await?,
+                out = &mut fut => return Ok(Some(out)),
+                _ = tokio::time::sleep(KEEP_ALIVE_EVERY) => self.conn.keep_alive().await?,
+                _ = self.stop.wait_for(|s| *s) => return Ok(None),
             }
         }
     }

@@ -16,6 +16,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::deliver::{Delivered, Waiting};
 use super::{Drained, Ended, Relay, RelayError};
 use crate::lsn::Lsn;
 use crate::pgwire::backend::CopyRun;
@@ -105,7 +106,7 @@ impl Relay {
                 timers.last_confirm = Instant::now();
             }
             if timers.progress_due(now) {
-                reporter.emit(self.stream.in_flight(), conn.confirmed(), conn.server_lsn());
+                reporter.emit(self.acks.outstanding(), conn.confirmed(), conn.server_lsn());
             }
             if *self.stop.borrow() || self.settings.stop_at_lsn.is_some_and(|at| mark >= at) {
                 stopping = true;
@@ -130,7 +131,15 @@ impl Relay {
             };
             if let Some(fact) = self.stream.handle(run.bytes(), body)? {
                 let opaque = self.acks.opaque(fact.token);
-                self.deliver.fact(fact, opaque, &mut conn).await?;
+                let mut w = Waiting {
+                    conn: &mut conn,
+                    stop: &mut self.stop,
+                };
+                match self.deliver.fact(fact, opaque, &mut w).await? {
+                    Delivered::Pushed => self.acks.handed(),
+                    // Its unit stays unconfirmed: it comes again next time.
+                    Delivered::Stopped => return self.finish(conn).await,
+                }
             }
         }
     }
@@ -146,7 +155,7 @@ impl Relay {
     /// Graceful end: wait for in-flight facts, confirm, release the slot.
     async fn finish(&mut self, mut conn: ReplicationStream) -> Result<Ended, RelayError> {
         tracing::info!(
-            in_flight = self.stream.in_flight(),
+            in_flight = self.acks.outstanding(),
             "stopping: waiting for in-flight facts"
         );
         let limit = Some(self.settings.shutdown_timeout);
@@ -157,7 +166,7 @@ impl Relay {
             != Drained::All
         {
             tracing::warn!(
-                in_flight = self.stream.in_flight(),
+                in_flight = self.acks.outstanding(),
                 "shutdown timeout: facts still unacknowledged; they will be sent again on restart"
             );
         }

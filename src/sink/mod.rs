@@ -91,7 +91,7 @@ pub enum SinkError {
     /// Flushing timed out or failed.
     #[error("flushing the Kafka producer failed: {0}")]
     Flush(#[source] KafkaError),
-    /// A metadata request on the blocking pool did not finish.
+    /// A metadata request's thread did not run or answer.
     #[error("a Kafka metadata request failed to run: {0}")]
     Blocking(String),
 }

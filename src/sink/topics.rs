@@ -2,9 +2,11 @@
 //! the cluster (and the topic created first when allowed).
 //!
 //! **Invariants**
-//! - Metadata is fetched on tokio's blocking pool, never on the caller's
+//! - Metadata is fetched on a thread of its own, never on the caller's
 //!   runtime thread: librdkafka's `fetch_metadata` blocks for up to its
-//!   timeout, and the caller is the WAL reader.
+//!   timeout, and the caller is the WAL reader. (Not tokio's blocking pool:
+//!   the runtime waits for that at exit, so a stop during a Kafka outage
+//!   would wait out the timeout.)
 //! - A missing topic is an error unless topic creation is on.
 
 use std::time::Duration;
@@ -66,12 +68,18 @@ impl Topics {
         Err(SinkError::TopicMissing(topic.to_owned()))
     }
 
-    /// One metadata request, on the blocking pool.
+    /// One metadata request, on a thread of its own.
     async fn fetch(&self, topic: &str) -> Result<Option<u32>, SinkError> {
         let producer = self.producer.clone();
         let (name, timeout) = (topic.to_owned(), self.timeout);
-        tokio::task::spawn_blocking(move || producer.partitions(&name, timeout))
-            .await
-            .map_err(|e| SinkError::Blocking(e.to_string()))?
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("factlib-metadata".into())
+            .spawn(move || {
+                let _ = tx.send(producer.partitions(&name, timeout));
+            })
+            .map_err(|e| SinkError::Blocking(e.to_string()))?;
+        rx.await
+            .map_err(|_| SinkError::Blocking("the lookup thread ended without an answer".into()))?
     }
 }

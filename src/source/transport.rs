@@ -110,6 +110,19 @@ impl Writer {
     }
 }
 
+/// A stream dropped without [`Writer::shutdown`] (its session ended on an
+/// error) still ends its connection: the server sees end-of-file, closes,
+/// and the reader task, which holds the read side, stops. Dropping a tokio
+/// write half does this by itself; an io_uring socket shared with the
+/// reader task needs it said.
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Writer::Uring(s) = self {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
 /// Connects and spawns the reader task. Returns the writer and the channel
 /// the reader fills.
 pub(crate) async fn connect(
