@@ -29,15 +29,16 @@
 //!   waker sees the sleeper and wakes it.
 
 use std::fmt;
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use crossbeam::queue::ArrayQueue;
 use crossbeam::utils::CachePadded;
-use tokio::sync::Notify;
 
 use super::RouteError;
+use sync::{fence, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex, MutexGuard, Notify};
+
+mod sync;
 
 /// Why [`Rings::wait_for_work`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
