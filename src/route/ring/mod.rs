@@ -27,17 +27,32 @@
 //!   fence, then reads the announcement. The fences order the two, so at
 //!   least one side sees the other: the sleeper finds the item/room, or the
 //!   waker sees the sleeper and wakes it.
+//!
+//! **Model checking.** `sync` is the seam between this protocol and the
+//! primitives it runs on: std's, crossbeam's and tokio's in every normal
+//! build, shuttle's under the `model-check` feature. `model` (run by
+//! tests/run: `cargo test --features model-check --lib route::ring::model`)
+//! drives the real `Rings` with an async pusher, flusher threads and
+//! `close` on rings of one slot, over a bounded number of PCT and random
+//! schedules, and checks that nothing is lost, duplicated or reordered and
+//! that nobody sleeps forever (a lost wakeup is a deadlock shuttle
+//! reports). It checks the handshakes' logic under sequential consistency,
+//! not the fences: shuttle runs every access as `SeqCst`, so the
+//! store-buffering argument above is still only argued, not checked.
 
 use std::fmt;
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use crossbeam::queue::ArrayQueue;
 use crossbeam::utils::CachePadded;
-use tokio::sync::Notify;
 
 use super::RouteError;
+use sync::{fence, ArrayQueue, AtomicBool, AtomicUsize, Condvar, Mutex, MutexGuard, Notify};
+
+#[cfg(all(test, feature = "model-check"))]
+mod model;
+mod sync;
 
 /// Why [`Rings::wait_for_work`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
