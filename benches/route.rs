@@ -356,7 +356,7 @@ fn bench_ring(c: &mut Criterion) {
 }
 
 /// Moves all of `full` per iteration from a producer thread (the reader:
-/// the async `Rings::push`, which waits for room when a ring is full) to a
+/// `Rings::try_push`, awaiting `Rings::room` when a ring is full) to a
 /// consumer thread (the flusher: `pop_into` over its rings, `wait_for_work`
 /// when they are empty), `iters` times. Each iteration is timed from the
 /// producer's first push to the consumer's last pop.
@@ -388,9 +388,10 @@ fn cross_thread(
                 go.wait();
                 starts.push(Instant::now());
                 rt.block_on(async {
-                    for (k, rec) in batch.drain(..).enumerate() {
-                        if rings.push(k % RINGS, rec).await.is_err() {
-                            unreachable!("the rings are never closed here");
+                    for (k, mut rec) in batch.drain(..).enumerate() {
+                        while let Err(back) = rings.try_push(k % RINGS, rec) {
+                            rec = back;
+                            rings.room(k % RINGS).await;
                         }
                     }
                 });

@@ -3,7 +3,7 @@
 //! ```text
 //!  reader task (async, one)             flusher threads (N)
 //!  ────────────────────────             ───────────────────
-//!  try_push / push(ring i, item) ──►  ArrayQueue[i] ──► pop(i)      by flusher i % N
+//!  try_push(ring i, item) ──────────►  ArrayQueue[i] ──► pop(i)      by flusher i % N
 //!       │ full? await `room` ◄──────── notify_waiters ◄─┘ (only if a pusher waits)
 //!       └─ pushed: wake flusher i % N ──► condvar ──► wait_for_work(i % N)
 //! ```
@@ -16,9 +16,9 @@
 //! pusher is actually waiting.
 //!
 //! **Invariants**
-//! - Nothing is dropped: a full ring hands the item back ([`Rings::try_push`])
-//!   or makes the pusher wait ([`Rings::push`]); after [`Rings::close`] both
-//!   hand the item back.
+//! - Nothing is dropped: a full ring, or closed rings, hand the item back
+//!   ([`Rings::try_push`]); the pusher waits for [`Rings::room`] and tries
+//!   again.
 //! - Each ring is FIFO.
 //! - Ring `i` belongs to flusher `i % N`; a push wakes that flusher only.
 //! - No lost wakeups. Both sleep paths use the same handshake: the sleeper
@@ -86,7 +86,7 @@ pub struct Rings<T> {
     flushers: Box<[CachePadded<FlusherSlot>]>,
     /// Signalled by consumers when they free room and a pusher is waiting.
     room: Notify,
-    /// How many `push` calls are waiting for room.
+    /// How many `room` calls are waiting.
     room_waiters: CachePadded<AtomicUsize>,
     closed: AtomicBool,
     capacity: usize,
@@ -105,7 +105,7 @@ impl<T> fmt::Debug for Rings<T> {
 }
 
 /// Counts a waiting pusher for as long as it lives, so that a cancelled
-/// `push` future stops asking consumers for wakeups.
+/// `room` future stops asking consumers for wakeups.
 struct RoomWaiter<'a>(&'a AtomicUsize);
 
 impl<'a> RoomWaiter<'a> {
@@ -203,42 +203,6 @@ impl<T> Rings<T> {
         Ok(())
     }
 
-    /// Pushes `item` onto `ring`, waiting (asynchronously, without spinning)
-    /// while the ring is full. The only error is [`Rings::close`]: the item
-    /// comes back as `Err`, never dropped.
-    ///
-    /// Cancel-safe in the sense that dropping the future drops the item it
-    /// owns but leaves the rings consistent.
-    ///
-    /// # Panics
-    /// If `ring >= ring_count()`.
-    pub async fn push(&self, ring: usize, item: T) -> Result<(), T> {
-        let mut item = match self.try_push(ring, item) {
-            Ok(()) => return Ok(()),
-            Err(back) => back,
-        };
-        loop {
-            if self.is_closed() {
-                return Err(item);
-            }
-            // `notified()` sees every `notify_waiters` after it is created,
-            // even before it is polled. Create it, then announce ourselves,
-            // then fence and re-check: a consumer that pops after our
-            // re-check failed must see the announcement.
-            let notified = self.room.notified();
-            let _waiter = RoomWaiter::register(&self.room_waiters);
-            fence(Ordering::SeqCst);
-            match self.try_push(ring, item) {
-                Ok(()) => return Ok(()),
-                Err(back) => item = back,
-            }
-            if self.is_closed() {
-                return Err(item);
-            }
-            notified.await;
-        }
-    }
-
     /// Pops the oldest item of `ring`, or `None` if it is empty (or out of
     /// range). Wakes a pusher waiting for room.
     pub fn pop(&self, ring: usize) -> Option<T> {
@@ -329,12 +293,16 @@ impl<T> Rings<T> {
         outcome
     }
 
-    /// Waits until `ring` may have room (or the rings close).
-    /// For callers that use [`Rings::try_push`] and must stay responsive
-    /// while a ring is full: unlike [`Rings::push`] it owns no item, so
-    /// dropping it loses nothing. Spurious returns are possible; re-check
-    /// with `try_push`.
+    /// Waits until `ring` may have room (or the rings close): a pusher
+    /// whose [`Rings::try_push`] found the ring full awaits this, then tries
+    /// again. It owns no item, so dropping it (the caller has something else
+    /// to do meanwhile, such as keeping a connection alive) loses nothing.
+    /// Spurious returns are possible.
     pub async fn room(&self, ring: usize) {
+        // `notified()` sees every `notify_waiters` after it is created,
+        // even before it is polled. Create it, then announce ourselves,
+        // then fence and re-check: a consumer that pops after our
+        // re-check failed must see the announcement.
         let notified = self.room.notified();
         let _waiter = RoomWaiter::register(&self.room_waiters);
         fence(Ordering::SeqCst);
@@ -408,12 +376,28 @@ impl<T> Rings<T> {
 
     /// After a pop: wake pushers waiting for room, if any.
     fn signal_room(&self) {
-        // Pairs with the fence in `push`: either the pusher's re-check sees
+        // Pairs with the fence in `room`: either the pusher's re-check sees
         // the room, or we see it waiting.
         fence(Ordering::SeqCst);
         if self.room_waiters.load(Ordering::Relaxed) > 0 {
             self.room.notify_waiters();
         }
+    }
+}
+
+/// A pusher as the relay is one (`relay::deliver`, less its keep-alive
+/// timer and stop request): `try_push`, and while the ring is full, `room`.
+#[cfg(test)]
+async fn push_waiting<T>(r: &Rings<T>, ring: usize, mut item: T) -> Result<(), T> {
+    loop {
+        match r.try_push(ring, item) {
+            Ok(()) => return Ok(()),
+            Err(back) => item = back,
+        }
+        if r.is_closed() {
+            return Err(item);
+        }
+        r.room(ring).await;
     }
 }
 
@@ -524,9 +508,9 @@ mod tests {
             })
         };
         current_thread().block_on(async {
-            r.push(0, 1).await.unwrap();
-            r.push(0, 2).await.unwrap();
-            let mut third = pin!(r.push(0, 3));
+            push_waiting(&r, 0, 1).await.unwrap();
+            push_waiting(&r, 0, 2).await.unwrap();
+            let mut third = pin!(push_waiting(&r, 0, 3));
             let first_poll = poll_fn(|cx| Poll::Ready(third.as_mut().poll(cx))).await;
             assert!(first_poll.is_pending(), "a full ring makes push wait");
             assert_eq!(r.len(0), 2);
@@ -588,7 +572,7 @@ mod tests {
             .collect();
         current_thread().block_on(async {
             for i in 0..2_000usize {
-                r.push(i % RINGS, i).await.unwrap();
+                push_waiting(&r, i % RINGS, i).await.unwrap();
             }
         });
         r.close();
@@ -627,7 +611,7 @@ mod tests {
                             let ring = usize::try_from(seq % RINGS as u64).unwrap();
                             let mut item = seq.to_le_bytes().to_vec();
                             item.push(u8::try_from(p).unwrap());
-                            r.push(ring, Bytes::from(item)).await.unwrap();
+                            push_waiting(&r, ring, Bytes::from(item)).await.unwrap();
                         }
                     })
                 })
@@ -689,12 +673,12 @@ mod tests {
             })
         };
         current_thread().block_on(async {
-            let mut second = pin!(r.push(0, 2));
+            let mut second = pin!(push_waiting(&r, 0, 2));
             let first_poll = poll_fn(|cx| Poll::Ready(second.as_mut().poll(cx))).await;
             assert!(first_poll.is_pending());
             go.send(()).unwrap();
             assert_eq!(second.await, Err(2));
-            assert_eq!(r.push(0, 3).await, Err(3));
+            assert_eq!(push_waiting(&r, 0, 3).await, Err(3));
         });
         closer.join().unwrap();
         assert_eq!(r.try_push(0, 4), Err(4));
@@ -709,7 +693,7 @@ mod tests {
         r.try_push(0, 1u8).unwrap();
         current_thread().block_on(async {
             {
-                let mut fut = pin!(r.push(0, 2));
+                let mut fut = pin!(push_waiting(&r, 0, 2));
                 assert!(poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx)))
                     .await
                     .is_pending());

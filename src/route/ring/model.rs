@@ -56,7 +56,7 @@
 //! `cond.wait`) fails three of these tests with shuttle's `deadlock!
 //! blocked tasks: [main-thread (..., pending future), <unknown> (...)]`
 //! (two still fail at 10 schedules). So, with a deadlock each, do a
-//! `signal_room` that skips a lone waiter, a `push` or `room` without its
+//! `signal_room` that skips a lone waiter, a `room` without its
 //! re-check, and a `close` that skips `notify_waiters` or the flushers'
 //! locks. Deleting every fence passes, as said above.
 
@@ -68,7 +68,7 @@ use shuttle::scheduler::{PctScheduler, RandomScheduler};
 use shuttle::thread;
 use shuttle::{Config, Runner};
 
-use super::{Rings, Wake};
+use super::{push_waiting, Rings, Wake};
 
 /// Schedules per scheduler and test. Each breakage in the module doc was
 /// caught at 30 (in two runs of each); this many leaves a wide margin for
@@ -116,21 +116,6 @@ fn flush(r: &Rings<u32>, k: usize, want: usize, timeout: Duration) -> Vec<(usize
     got
 }
 
-/// The relay's push (`src/relay/session.rs`: `push`, `push_held`): `try_push`,
-/// and while the ring is full, `room` (without the keep-alive timer).
-async fn push_like_relay(r: &Rings<u32>, ring: usize, mut item: u32) -> Result<(), u32> {
-    loop {
-        match r.try_push(ring, item) {
-            Ok(()) => return Ok(()),
-            Err(back) => item = back,
-        }
-        if r.is_closed() {
-            return Err(item);
-        }
-        r.room(ring).await;
-    }
-}
-
 /// (a) One async pusher fills a ring of one slot; the flusher pops one item
 /// at a time and sleeps in between. Both sleep paths are used: the pusher
 /// waits for room after every item, the flusher for work.
@@ -153,7 +138,7 @@ fn push_wakes_a_sleeping_flusher() {
         };
         block_on(async {
             for i in 0..3 {
-                r.push(0, i).await.unwrap();
+                push_waiting(&r, 0, i).await.unwrap();
             }
         });
         assert_eq!(flusher.join().unwrap(), vec![0, 1, 2]);
@@ -182,7 +167,7 @@ fn two_pushers_one_flusher_keep_each_ring_in_order() {
                 thread::spawn(move || {
                     block_on(async {
                         for i in 0..2 {
-                            r.push(ring, base(ring) + i).await.unwrap();
+                            push_waiting(&r, ring, base(ring) + i).await.unwrap();
                         }
                     })
                 })
@@ -215,17 +200,16 @@ fn room_and_try_push_like_the_relay() {
         };
         block_on(async {
             for i in 0..3 {
-                push_like_relay(&r, 0, i).await.unwrap();
+                push_waiting(&r, 0, i).await.unwrap();
             }
         });
         assert_eq!(flusher.join().unwrap(), vec![(0, 0), (0, 1), (0, 2)]);
     });
 }
 
-/// (b) `close` races with a flusher asleep on an empty ring, a `push`
-/// waiting for room on a full ring nobody drains, and a relay-style pusher
-/// waiting in `room` on the same ring: all three wake, and both pushers get
-/// their item back.
+/// (b) `close` races with a flusher asleep on an empty ring and two
+/// pushers waiting in `room` on a full ring nobody drains: all three wake,
+/// and both pushers get their item back.
 #[test]
 fn close_wakes_a_sleeping_flusher_and_waiting_pushers() {
     check(|| {
@@ -238,11 +222,11 @@ fn close_wakes_a_sleeping_flusher_and_waiting_pushers() {
         };
         let pusher = {
             let r = Arc::clone(&r);
-            thread::spawn(move || block_on(r.push(0, 7)))
+            thread::spawn(move || block_on(push_waiting(&r, 0, 7)))
         };
         let relay = {
             let r = Arc::clone(&r);
-            thread::spawn(move || block_on(push_like_relay(&r, 0, 8)))
+            thread::spawn(move || block_on(push_waiting(&r, 0, 8)))
         };
         r.close();
         assert_eq!(flusher.join().unwrap(), Wake::Closed);
@@ -281,7 +265,7 @@ fn pushes_racing_close_lose_nothing() {
                 block_on(async {
                     let (mut accepted, mut back) = (Vec::new(), Vec::new());
                     for i in 0..3 {
-                        match r.push(0, i).await {
+                        match push_waiting(&r, 0, i).await {
                             Ok(()) => accepted.push(i),
                             Err(item) => back.push(item),
                         }
