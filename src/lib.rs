@@ -2,13 +2,15 @@
 //! inside their own business transactions, to Kafka — without losing or
 //! duplicating any.
 //!
-//! See `DESIGN.md` for the stages. Modules, one owner each:
+//! `docs/ARCHITECTURE.md` maps the pipeline and says where to start
+//! reading. Modules, one owner each:
 //! - [`lsn`]: the `Lsn` newtype.
 //! - [`pgwire`]: the sans-io replication protocol.
 //! - [`source`]: the replication connection (io_uring or tokio).
 //! - [`fact`]: the protobuf envelope.
 //! - [`route`]: topic, key → partition (Java-compatible), per-partition rings.
-//! - [`progress`]: in-flight units to the lowest fully-acked LSN.
+//! - [`progress`]: the stream's units (CopyData to facts) and the lowest
+//!   fully-acked LSN.
 //! - [`sink`]: Kafka records, the rdkafka producer, flushers, dead letters.
 //! - [`relay`]: wires the stages; lifecycle, reconnects, shutdown.
 //! - [`telemetry`]: metrics and events (log + metric together).
