@@ -25,7 +25,7 @@ use super::{spawn_signal_watch, CliError};
 use crate::config::{CommonArgs, ConnectionConfig, TailArgs};
 use crate::fact;
 use crate::lsn::Lsn;
-use crate::pgwire::pgoutput::{DecodeContext, PgOutput};
+use crate::pgwire::pgoutput::PgOutput;
 use crate::pgwire::replication::ReplicationMessage;
 use crate::source::ReplicationStream;
 
@@ -165,9 +165,7 @@ pub async fn run(common: &CommonArgs, args: &TailArgs) -> Result<ExitCode, CliEr
             ReplicationMessage::XLogData(x) => x,
             ReplicationMessage::Keepalive(_) => continue,
         };
-        match PgOutput::decode(x.data, DecodeContext::default())
-            .map_err(crate::source::SourceError::Decode)?
-        {
+        match PgOutput::decode(x.data).map_err(crate::source::SourceError::Decode)? {
             PgOutput::Begin(b) => txn = Some((b.xid, b.final_lsn)),
             PgOutput::Commit(c) => {
                 txn = None;

@@ -25,7 +25,7 @@ use super::{Opaque, RelayError, Shared};
 use crate::fact::{self, FactView, TextField};
 use crate::lsn::Lsn;
 use crate::pgwire::backend::CopyRun;
-use crate::pgwire::pgoutput::{DecodeContext, MessageRef, PgOutput, PgOutputRef};
+use crate::pgwire::pgoutput::{MessageRef, PgOutput, PgOutputRef};
 use crate::pgwire::replication::ReplicationRef;
 use crate::progress::Tracker;
 use crate::route::murmur2::partition_for_key;
@@ -64,8 +64,7 @@ pub(super) async fn handle(
         }
         ReplicationRef::XLogData(x) => x,
     };
-    let ctx = DecodeContext::default();
-    match PgOutputRef::decode(x.data, ctx).map_err(SourceError::Decode)? {
+    match PgOutputRef::decode(x.data).map_err(SourceError::Decode)? {
         PgOutputRef::Begin(b) => {
             tracker.begin()?;
             *txn = Some(Txn {
@@ -84,7 +83,7 @@ pub(super) async fn handle(
         PgOutputRef::Message(m) => message(sh, stream, tracker, *txn, m, bytes).await?,
         // Nothing else matters to the relay, but it must still decode.
         PgOutputRef::Other => {
-            PgOutput::decode(bytes.slice_ref(x.data), ctx).map_err(SourceError::Decode)?;
+            PgOutput::decode(bytes.slice_ref(x.data)).map_err(SourceError::Decode)?;
         }
     }
     Ok(())
