@@ -33,7 +33,7 @@ mod common;
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
-use factlib::pgwire::pgoutput::{DecodeContext, PgOutput};
+use factlib::pgwire::pgoutput::PgOutput;
 use factlib::pgwire::replication::ReplicationMessage;
 use pgwire_replication::protocol::framing::MessageReader;
 use pgwire_replication::protocol::{parse_copy_data, ReplicationCopyData};
@@ -83,7 +83,7 @@ fn factlib_pgoutput(mut buf: BytesMut) -> u64 {
         let Ok(ReplicationMessage::XLogData(x)) = ReplicationMessage::parse(body) else {
             continue;
         };
-        if let Ok(PgOutput::Message(msg)) = PgOutput::decode(x.data, DecodeContext::default()) {
+        if let Ok(PgOutput::Message(msg)) = PgOutput::decode(x.data) {
             if &msg.prefix[..] == b"factlib" {
                 n += 1;
             }

@@ -22,7 +22,7 @@ mod common;
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
-use factlib::pgwire::pgoutput::{DecodeContext, PgOutput, PgOutputRef};
+use factlib::pgwire::pgoutput::{PgOutput, PgOutputRef};
 use factlib::pgwire::replication::{ReplicationMessage, ReplicationRef};
 
 /// How far a line decodes each message.
@@ -92,9 +92,7 @@ fn count(mut buf: BytesMut, depth: Depth) -> u64 {
                 n += 1;
                 continue;
             }
-            let Ok(PgOutputRef::Message(msg)) =
-                PgOutputRef::decode(x.data, DecodeContext::default())
-            else {
+            let Ok(PgOutputRef::Message(msg)) = PgOutputRef::decode(x.data) else {
                 continue;
             };
             if msg.prefix != b"factlib" {
@@ -121,7 +119,7 @@ fn count_owned(mut buf: BytesMut) -> u64 {
         let Ok(ReplicationMessage::XLogData(x)) = ReplicationMessage::parse(body) else {
             continue;
         };
-        let Ok(PgOutput::Message(msg)) = PgOutput::decode(x.data, DecodeContext::default()) else {
+        let Ok(PgOutput::Message(msg)) = PgOutput::decode(x.data) else {
             continue;
         };
         if &msg.prefix[..] != b"factlib" {

@@ -24,7 +24,7 @@ use crossbeam::queue::ArrayQueue;
 use factlib::fact::view::{decode_view, FactView};
 use factlib::fact::{encode, Fact};
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
-use factlib::pgwire::pgoutput::{DecodeContext, PgOutput};
+use factlib::pgwire::pgoutput::PgOutput;
 use factlib::pgwire::replication::ReplicationMessage;
 use factlib::route::{partition_for_key, Rings, TopicTemplate};
 use factlib::sink::record::{fact_record, HeaderSet, Record, RecordShape, ValueMode};
@@ -167,7 +167,7 @@ fn fixture_facts() -> Vec<Decoded> {
         let Ok(ReplicationMessage::XLogData(x)) = ReplicationMessage::parse(body) else {
             continue;
         };
-        match PgOutput::decode(x.data, DecodeContext::default()) {
+        match PgOutput::decode(x.data) {
             Ok(PgOutput::Begin(b)) => commit = Some(b.final_lsn),
             Ok(PgOutput::Commit(_)) => commit = None,
             Ok(PgOutput::Message(m)) if &m.prefix[..] == PREFIX.as_bytes() => {

@@ -42,7 +42,7 @@ use bytes::{Bytes, BytesMut};
 use factlib::emit::{build, emit, NewFact};
 use factlib::fact::{self, Fact, TraceInfo};
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
-use factlib::pgwire::pgoutput::{DecodeContext, PgOutput};
+use factlib::pgwire::pgoutput::PgOutput;
 use factlib::pgwire::replication::ReplicationMessage;
 use factlib::pgwire::startup::{QueryStatus, SimpleQuery, Startup, StartupParams};
 use factlib::source::ConnectionConfig;
@@ -989,7 +989,7 @@ async fn capture(
                 bail!("unexpected {msg:?} during CopyBoth");
             };
             if let ReplicationMessage::XLogData(x) = ReplicationMessage::parse(body)? {
-                match PgOutput::decode(x.data, DecodeContext::default())? {
+                match PgOutput::decode(x.data)? {
                     PgOutput::Begin(_) => in_tx = true,
                     PgOutput::Commit(_) => {
                         in_tx = false;

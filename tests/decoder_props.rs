@@ -12,15 +12,17 @@ use proptest::prelude::*;
 use factlib::lsn::Lsn;
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
 use factlib::pgwire::pgoutput::{
-    Begin, BeginPrepare, Column, Commit, CommitPrepared, DecodeContext, Delete, Insert,
-    LogicalMessage, OldTuple, Origin, PgOutput, PgOutputRef, Prepare, Relation, RollbackPrepared,
-    StreamAbort, StreamAbortInfo, StreamCommit, StreamStart, Truncate, TupleData, TupleValue,
-    TypeMsg, Update,
+    Begin, Column, Commit, Delete, Insert, LogicalMessage, OldTuple, Origin, PgOutput, PgOutputRef,
+    Relation, Truncate, TupleData, TupleValue, TypeMsg, Update,
 };
 use factlib::pgwire::replication::{ReplicationMessage, ReplicationRef};
+use factlib::pgwire::DecodeError;
 
 /// Every pgoutput tag, for inputs that get past the tag dispatch.
-const PGOUTPUT_TAGS: &[u8] = b"BCMORYIUDTSEcAbPKrp";
+const PGOUTPUT_TAGS: &[u8] = b"BCMORYIUDT";
+/// Tags of pgoutput protocol v2-v4 messages, which the decoder (protocol 1
+/// only) must reject as unknown.
+const REMOVED_PGOUTPUT_TAGS: &[u8] = b"SEcAbPKrp";
 /// Tags `backend::parse` handles, for framed inputs that reach a body parser.
 const BACKEND_TAGS: &[u8] = b"dWHcENRSKZTDCI123ntsvA";
 
@@ -37,12 +39,6 @@ fn put_cstr(out: &mut Vec<u8>, s: &[u8]) {
 fn put_counted(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&i32::try_from(s.len()).unwrap().to_be_bytes());
     out.extend_from_slice(s);
-}
-
-fn put_xid(out: &mut Vec<u8>, xid: Option<u32>) {
-    if let Some(x) = xid {
-        out.extend_from_slice(&x.to_be_bytes());
-    }
 }
 
 fn put_tuple(out: &mut Vec<u8>, t: &TupleData) {
@@ -76,15 +72,6 @@ fn put_old(out: &mut Vec<u8>, old: &OldTuple) {
     }
 }
 
-fn put_prepare(out: &mut Vec<u8>, p: &Prepare) {
-    out.push(p.flags);
-    out.extend_from_slice(&p.prepare_lsn.0.to_be_bytes());
-    out.extend_from_slice(&p.end_lsn.0.to_be_bytes());
-    out.extend_from_slice(&p.prepare_ts.to_be_bytes());
-    out.extend_from_slice(&p.xid.to_be_bytes());
-    put_cstr(out, &p.gid);
-}
-
 fn encode(msg: &PgOutput) -> Vec<u8> {
     let mut o = vec![msg.tag()];
     match msg {
@@ -100,7 +87,6 @@ fn encode(msg: &PgOutput) -> Vec<u8> {
             o.extend_from_slice(&c.commit_ts.to_be_bytes());
         }
         PgOutput::Message(m) => {
-            put_xid(&mut o, m.xid);
             o.push(u8::from(m.transactional));
             o.extend_from_slice(&m.lsn.0.to_be_bytes());
             put_cstr(&mut o, &m.prefix);
@@ -111,7 +97,6 @@ fn encode(msg: &PgOutput) -> Vec<u8> {
             put_cstr(&mut o, &x.name);
         }
         PgOutput::Relation(r) => {
-            put_xid(&mut o, r.xid);
             o.extend_from_slice(&r.relation_id.to_be_bytes());
             put_cstr(&mut o, &r.namespace);
             put_cstr(&mut o, &r.name);
@@ -125,19 +110,16 @@ fn encode(msg: &PgOutput) -> Vec<u8> {
             }
         }
         PgOutput::Type(t) => {
-            put_xid(&mut o, t.xid);
             o.extend_from_slice(&t.type_oid.to_be_bytes());
             put_cstr(&mut o, &t.namespace);
             put_cstr(&mut o, &t.name);
         }
         PgOutput::Insert(i) => {
-            put_xid(&mut o, i.xid);
             o.extend_from_slice(&i.relation_id.to_be_bytes());
             o.push(b'N');
             put_tuple(&mut o, &i.new);
         }
         PgOutput::Update(u) => {
-            put_xid(&mut o, u.xid);
             o.extend_from_slice(&u.relation_id.to_be_bytes());
             if let Some(old) = &u.old {
                 put_old(&mut o, old);
@@ -146,83 +128,18 @@ fn encode(msg: &PgOutput) -> Vec<u8> {
             put_tuple(&mut o, &u.new);
         }
         PgOutput::Delete(d) => {
-            put_xid(&mut o, d.xid);
             o.extend_from_slice(&d.relation_id.to_be_bytes());
             put_old(&mut o, &d.old);
         }
         PgOutput::Truncate(t) => {
-            put_xid(&mut o, t.xid);
             o.extend_from_slice(&i32::try_from(t.relation_ids.len()).unwrap().to_be_bytes());
             o.push(t.options);
             for id in &t.relation_ids {
                 o.extend_from_slice(&id.to_be_bytes());
             }
         }
-        PgOutput::StreamStart(s) => {
-            o.extend_from_slice(&s.xid.to_be_bytes());
-            o.push(u8::from(s.first_segment));
-        }
-        PgOutput::StreamStop => {}
-        PgOutput::StreamCommit(c) => {
-            o.extend_from_slice(&c.xid.to_be_bytes());
-            o.push(c.flags);
-            o.extend_from_slice(&c.commit_lsn.0.to_be_bytes());
-            o.extend_from_slice(&c.end_lsn.0.to_be_bytes());
-            o.extend_from_slice(&c.commit_ts.to_be_bytes());
-        }
-        PgOutput::StreamAbort(a) => {
-            o.extend_from_slice(&a.xid.to_be_bytes());
-            o.extend_from_slice(&a.subxid.to_be_bytes());
-            if let Some(p) = &a.parallel {
-                o.extend_from_slice(&p.abort_lsn.0.to_be_bytes());
-                o.extend_from_slice(&p.abort_ts.to_be_bytes());
-            }
-        }
-        PgOutput::BeginPrepare(b) => {
-            o.extend_from_slice(&b.prepare_lsn.0.to_be_bytes());
-            o.extend_from_slice(&b.end_lsn.0.to_be_bytes());
-            o.extend_from_slice(&b.prepare_ts.to_be_bytes());
-            o.extend_from_slice(&b.xid.to_be_bytes());
-            put_cstr(&mut o, &b.gid);
-        }
-        PgOutput::Prepare(p) | PgOutput::StreamPrepare(p) => put_prepare(&mut o, p),
-        PgOutput::CommitPrepared(c) => {
-            o.push(c.flags);
-            o.extend_from_slice(&c.commit_lsn.0.to_be_bytes());
-            o.extend_from_slice(&c.end_lsn.0.to_be_bytes());
-            o.extend_from_slice(&c.commit_ts.to_be_bytes());
-            o.extend_from_slice(&c.xid.to_be_bytes());
-            put_cstr(&mut o, &c.gid);
-        }
-        PgOutput::RollbackPrepared(r) => {
-            o.push(r.flags);
-            o.extend_from_slice(&r.prepare_end_lsn.0.to_be_bytes());
-            o.extend_from_slice(&r.rollback_end_lsn.0.to_be_bytes());
-            o.extend_from_slice(&r.prepare_ts.to_be_bytes());
-            o.extend_from_slice(&r.rollback_ts.to_be_bytes());
-            o.extend_from_slice(&r.xid.to_be_bytes());
-            put_cstr(&mut o, &r.gid);
-        }
     }
     o
-}
-
-/// The context a message must be decoded with: streamed iff it carries the
-/// optional xid. `None` for messages whose layout does not depend on it.
-fn required_ctx(msg: &PgOutput) -> Option<DecodeContext> {
-    let xid = match msg {
-        PgOutput::Message(m) => m.xid,
-        PgOutput::Relation(r) => r.xid,
-        PgOutput::Type(t) => t.xid,
-        PgOutput::Insert(i) => i.xid,
-        PgOutput::Update(u) => u.xid,
-        PgOutput::Delete(d) => d.xid,
-        PgOutput::Truncate(t) => t.xid,
-        _ => return None,
-    };
-    Some(DecodeContext {
-        in_streamed_txn: xid.is_some(),
-    })
 }
 
 // ---------------------------------------------------------------------------
@@ -284,22 +201,16 @@ fn commit() -> impl Strategy<Value = PgOutput> {
 }
 
 fn message() -> impl Strategy<Value = PgOutput> {
-    (
-        any::<Option<u32>>(),
-        any::<bool>(),
-        lsn(),
-        cstr(64),
-        blob(4096),
-    )
-        .prop_map(|(xid, transactional, lsn, prefix, content)| {
+    (any::<bool>(), lsn(), cstr(64), blob(4096)).prop_map(
+        |(transactional, lsn, prefix, content)| {
             PgOutput::Message(LogicalMessage {
-                xid,
                 transactional,
                 lsn,
                 prefix,
                 content,
             })
-        })
+        },
+    )
 }
 
 fn other_messages() -> impl Strategy<Value = PgOutput> {
@@ -314,7 +225,6 @@ fn other_messages() -> impl Strategy<Value = PgOutput> {
         },
     );
     let relation = (
-        any::<Option<u32>>(),
         any::<u32>(),
         cstr(32),
         cstr(32),
@@ -322,9 +232,8 @@ fn other_messages() -> impl Strategy<Value = PgOutput> {
         prop::collection::vec(column, 0..12),
     )
         .prop_map(
-            |(xid, relation_id, namespace, name, replica_identity, columns)| {
+            |(relation_id, namespace, name, replica_identity, columns)| {
                 PgOutput::Relation(Relation {
-                    xid,
                     relation_id,
                     namespace,
                     name,
@@ -333,175 +242,35 @@ fn other_messages() -> impl Strategy<Value = PgOutput> {
                 })
             },
         );
-    let type_msg = (any::<Option<u32>>(), any::<u32>(), cstr(32), cstr(32)).prop_map(
-        |(xid, type_oid, namespace, name)| {
-            PgOutput::Type(TypeMsg {
-                xid,
-                type_oid,
-                namespace,
-                name,
+    let type_msg = (any::<u32>(), cstr(32), cstr(32)).prop_map(|(type_oid, namespace, name)| {
+        PgOutput::Type(TypeMsg {
+            type_oid,
+            namespace,
+            name,
+        })
+    });
+    let insert = (any::<u32>(), tuple())
+        .prop_map(|(relation_id, new)| PgOutput::Insert(Insert { relation_id, new }));
+    let update = (any::<u32>(), prop::option::of(old_tuple()), tuple()).prop_map(
+        |(relation_id, old, new)| {
+            PgOutput::Update(Update {
+                relation_id,
+                old,
+                new,
             })
         },
     );
-    let insert =
-        (any::<Option<u32>>(), any::<u32>(), tuple()).prop_map(|(xid, relation_id, new)| {
-            PgOutput::Insert(Insert {
-                xid,
-                relation_id,
-                new,
-            })
-        });
-    let update = (
-        any::<Option<u32>>(),
-        any::<u32>(),
-        prop::option::of(old_tuple()),
-        tuple(),
-    )
-        .prop_map(|(xid, relation_id, old, new)| {
-            PgOutput::Update(Update {
-                xid,
-                relation_id,
-                old,
-                new,
-            })
-        });
-    let delete =
-        (any::<Option<u32>>(), any::<u32>(), old_tuple()).prop_map(|(xid, relation_id, old)| {
-            PgOutput::Delete(Delete {
-                xid,
-                relation_id,
-                old,
-            })
-        });
-    let truncate = (
-        any::<Option<u32>>(),
-        any::<u8>(),
-        prop::collection::vec(any::<u32>(), 0..16),
-    )
-        .prop_map(|(xid, options, relation_ids)| {
+    let delete = (any::<u32>(), old_tuple())
+        .prop_map(|(relation_id, old)| PgOutput::Delete(Delete { relation_id, old }));
+    let truncate = (any::<u8>(), prop::collection::vec(any::<u32>(), 0..16)).prop_map(
+        |(options, relation_ids)| {
             PgOutput::Truncate(Truncate {
-                xid,
                 options,
                 relation_ids,
             })
-        });
-    let stream_start = (any::<u32>(), any::<bool>())
-        .prop_map(|(xid, first_segment)| PgOutput::StreamStart(StreamStart { xid, first_segment }));
-    let stream_commit = (any::<u32>(), any::<u8>(), lsn(), lsn(), any::<i64>()).prop_map(
-        |(xid, flags, commit_lsn, end_lsn, commit_ts)| {
-            PgOutput::StreamCommit(StreamCommit {
-                xid,
-                flags,
-                commit_lsn,
-                end_lsn,
-                commit_ts,
-            })
         },
     );
-    let stream_abort = (
-        any::<u32>(),
-        any::<u32>(),
-        prop::option::of((lsn(), any::<i64>())),
-    )
-        .prop_map(|(xid, subxid, parallel)| {
-            PgOutput::StreamAbort(StreamAbort {
-                xid,
-                subxid,
-                parallel: parallel.map(|(abort_lsn, abort_ts)| StreamAbortInfo {
-                    abort_lsn,
-                    abort_ts,
-                }),
-            })
-        });
-    let begin_prepare = (lsn(), lsn(), any::<i64>(), any::<u32>(), cstr(200)).prop_map(
-        |(prepare_lsn, end_lsn, prepare_ts, xid, gid)| {
-            PgOutput::BeginPrepare(BeginPrepare {
-                prepare_lsn,
-                end_lsn,
-                prepare_ts,
-                xid,
-                gid,
-            })
-        },
-    );
-    let prepare = || {
-        (
-            any::<u8>(),
-            lsn(),
-            lsn(),
-            any::<i64>(),
-            any::<u32>(),
-            cstr(200),
-        )
-            .prop_map(
-                |(flags, prepare_lsn, end_lsn, prepare_ts, xid, gid)| Prepare {
-                    flags,
-                    prepare_lsn,
-                    end_lsn,
-                    prepare_ts,
-                    xid,
-                    gid,
-                },
-            )
-    };
-    let commit_prepared = (
-        any::<u8>(),
-        lsn(),
-        lsn(),
-        any::<i64>(),
-        any::<u32>(),
-        cstr(200),
-    )
-        .prop_map(|(flags, commit_lsn, end_lsn, commit_ts, xid, gid)| {
-            PgOutput::CommitPrepared(CommitPrepared {
-                flags,
-                commit_lsn,
-                end_lsn,
-                commit_ts,
-                xid,
-                gid,
-            })
-        });
-    let rollback_prepared = (
-        any::<u8>(),
-        lsn(),
-        lsn(),
-        any::<i64>(),
-        any::<i64>(),
-        any::<u32>(),
-        cstr(200),
-    )
-        .prop_map(
-            |(flags, prepare_end_lsn, rollback_end_lsn, prepare_ts, rollback_ts, xid, gid)| {
-                PgOutput::RollbackPrepared(RollbackPrepared {
-                    flags,
-                    prepare_end_lsn,
-                    rollback_end_lsn,
-                    prepare_ts,
-                    rollback_ts,
-                    xid,
-                    gid,
-                })
-            },
-        );
-    prop_oneof![
-        origin,
-        relation,
-        type_msg,
-        insert,
-        update,
-        delete,
-        truncate,
-        stream_start,
-        Just(PgOutput::StreamStop),
-        stream_commit,
-        stream_abort,
-        begin_prepare,
-        prepare().prop_map(PgOutput::Prepare),
-        commit_prepared,
-        rollback_prepared,
-        prepare().prop_map(PgOutput::StreamPrepare),
-    ]
+    prop_oneof![origin, relation, type_msg, insert, update, delete, truncate,]
 }
 
 fn any_pgoutput() -> impl Strategy<Value = PgOutput> {
@@ -549,24 +318,11 @@ fn mutate(mut v: Vec<u8>, edits: &[Mutation]) -> Vec<u8> {
 // Feeding every decoder; none may panic, whatever the result.
 // ---------------------------------------------------------------------------
 
-const CONTEXTS: [DecodeContext; 2] = [
-    DecodeContext {
-        in_streamed_txn: false,
-    },
-    DecodeContext {
-        in_streamed_txn: true,
-    },
-];
-
 fn feed_all(input: &[u8]) {
     let bytes = Bytes::copy_from_slice(input);
-    for ctx in CONTEXTS {
-        let _ = PgOutput::decode(bytes.clone(), ctx);
-    }
+    let _ = PgOutput::decode(bytes.clone());
     if let Ok(ReplicationMessage::XLogData(x)) = ReplicationMessage::parse(bytes.clone()) {
-        for ctx in CONTEXTS {
-            let _ = PgOutput::decode(x.data.clone(), ctx);
-        }
+        let _ = PgOutput::decode(x.data.clone());
     }
     check_borrowed_decoders_agree(&bytes);
     // The framing ways must agree, whatever the input.
@@ -645,28 +401,26 @@ fn check_borrowed_decoders_agree(bytes: &Bytes) {
         (Err(a), Err(b)) => assert_eq!(a, b),
         (a, b) => panic!("replication decoders disagree: {a:?} vs {b:?}"),
     }
-    for ctx in CONTEXTS {
-        let owned = PgOutput::decode(bytes.clone(), ctx);
-        match (PgOutputRef::decode(bytes, ctx), owned) {
-            (Ok(PgOutputRef::Begin(a)), Ok(PgOutput::Begin(b))) => assert_eq!(a, b),
-            (Ok(PgOutputRef::Commit(a)), Ok(PgOutput::Commit(b))) => assert_eq!(a, b),
-            (Ok(PgOutputRef::Message(a)), Ok(PgOutput::Message(b))) => {
-                assert_eq!(
-                    (a.xid, a.transactional, a.lsn, a.prefix, a.content),
-                    (b.xid, b.transactional, b.lsn, &b.prefix[..], &b.content[..])
-                );
-                assert_eq!(
-                    a.content.as_ptr(),
-                    b.content.as_ptr(),
-                    "the owned content is the input's tail"
-                );
-            }
-            (Ok(PgOutputRef::Other), _) => {
-                assert!(!matches!(bytes.first(), Some(b'B' | b'C' | b'M')));
-            }
-            (Err(a), Err(b)) => assert_eq!(a, b),
-            (a, b) => panic!("pgoutput decoders disagree: {a:?} vs {b:?}"),
+    let owned = PgOutput::decode(bytes.clone());
+    match (PgOutputRef::decode(bytes), owned) {
+        (Ok(PgOutputRef::Begin(a)), Ok(PgOutput::Begin(b))) => assert_eq!(a, b),
+        (Ok(PgOutputRef::Commit(a)), Ok(PgOutput::Commit(b))) => assert_eq!(a, b),
+        (Ok(PgOutputRef::Message(a)), Ok(PgOutput::Message(b))) => {
+            assert_eq!(
+                (a.transactional, a.lsn, a.prefix, a.content),
+                (b.transactional, b.lsn, &b.prefix[..], &b.content[..])
+            );
+            assert_eq!(
+                a.content.as_ptr(),
+                b.content.as_ptr(),
+                "the owned content is the input's tail"
+            );
         }
+        (Ok(PgOutputRef::Other), _) => {
+            assert!(!matches!(bytes.first(), Some(b'B' | b'C' | b'M')));
+        }
+        (Err(a), Err(b)) => assert_eq!(a, b),
+        (a, b) => panic!("pgoutput decoders disagree: {a:?} vs {b:?}"),
     }
 }
 
@@ -691,31 +445,22 @@ fn xlogdata(payload: &[u8]) -> Vec<u8> {
 proptest! {
     #[test]
     fn begin_commit_message_round_trip(msg in prop_oneof![begin(), commit(), message()]) {
-        let ctx = required_ctx(&msg).unwrap_or_default();
         let bytes = Bytes::from(encode(&msg));
-        prop_assert_eq!(PgOutput::decode(bytes, ctx)?, msg);
+        prop_assert_eq!(PgOutput::decode(bytes)?, msg);
     }
 
     #[test]
-    fn every_message_round_trips(msg in any_pgoutput(), other_ctx: bool) {
+    fn every_message_round_trips(msg in any_pgoutput()) {
         let bytes = Bytes::from(encode(&msg));
-        match required_ctx(&msg) {
-            Some(ctx) => prop_assert_eq!(PgOutput::decode(bytes, ctx)?, msg),
-            None => {
-                // Layout independent of the stream state.
-                let ctx = DecodeContext { in_streamed_txn: other_ctx };
-                prop_assert_eq!(PgOutput::decode(bytes, ctx)?, msg);
-            }
-        }
+        prop_assert_eq!(PgOutput::decode(bytes)?, msg);
     }
 
     #[test]
     fn message_content_is_zero_copy(msg in message()) {
-        let ctx = required_ctx(&msg).unwrap_or_default();
         let bytes = Bytes::from(encode(&msg));
         let start = bytes.as_ptr() as usize;
         let end = start + bytes.len();
-        let PgOutput::Message(m) = PgOutput::decode(bytes.clone(), ctx)? else {
+        let PgOutput::Message(m) = PgOutput::decode(bytes.clone())? else {
             panic!("decoded to another message");
         };
         for part in [&m.prefix, &m.content] {
@@ -726,15 +471,9 @@ proptest! {
 
     #[test]
     fn trailing_bytes_are_rejected(msg in any_pgoutput(), extra in prop::collection::vec(any::<u8>(), 1..32)) {
-        // Stream Abort without its v4 tail plus 16 extra bytes is a valid v4
-        // Stream Abort; everything else must be refused.
-        let abort_tail_ambiguous = matches!(&msg, PgOutput::StreamAbort(a) if a.parallel.is_none())
-            && extra.len() == 16;
-        prop_assume!(!abort_tail_ambiguous);
-        let ctx = required_ctx(&msg).unwrap_or_default();
         let mut v = encode(&msg);
         v.extend_from_slice(&extra);
-        prop_assert!(PgOutput::decode(Bytes::from(v), ctx).is_err());
+        prop_assert!(PgOutput::decode(Bytes::from(v)).is_err());
     }
 
     #[test]
@@ -752,6 +491,20 @@ proptest! {
         feed_all(&v);
         feed_all(&xlogdata(&v));
         feed_all(&frame(b'd', &xlogdata(&v)));
+    }
+
+    #[test]
+    fn protocol_v2_to_v4_tags_are_unknown(
+        tag in prop::sample::select(REMOVED_PGOUTPUT_TAGS.to_vec()),
+        body in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let mut v = vec![tag];
+        v.extend_from_slice(&body);
+        prop_assert_eq!(
+            PgOutput::decode(Bytes::from(v.clone())),
+            Err(DecodeError::UnknownTag { context: "pgoutput", tag })
+        );
+        prop_assert_eq!(PgOutputRef::decode(&v), Ok(PgOutputRef::Other));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use bytes::{Bytes, BytesMut};
 use factlib::fact;
 use factlib::pgwire::backend::{self, Backend, DEFAULT_MAX_FRAME};
-use factlib::pgwire::pgoutput::{DecodeContext, PgOutput, PgOutputRef};
+use factlib::pgwire::pgoutput::{PgOutput, PgOutputRef};
 use factlib::pgwire::replication::{ReplicationMessage, ReplicationRef};
 use factlib::pgwire::DecodeError;
 use libfuzzer_sys::fuzz_target;
@@ -125,11 +125,9 @@ fn decode_copy_data(body: &Bytes) {
     let Ok(msg) = ReplicationMessage::parse(body.clone()) else { return };
     let ReplicationMessage::XLogData(x) = msg else { return };
     assert_eq!(x.data.len() + 25, body.len(), "XLogData header is 25 bytes");
-    for in_streamed_txn in [false, true] {
-        if let Ok(PgOutput::Message(m)) = PgOutput::decode(x.data.clone(), DecodeContext { in_streamed_txn }) {
-            if &m.prefix[..] == fact::DEFAULT_PREFIX.as_bytes() {
-                let _ = fact::decode(m.content);
-            }
+    if let Ok(PgOutput::Message(m)) = PgOutput::decode(x.data.clone()) {
+        if &m.prefix[..] == fact::DEFAULT_PREFIX.as_bytes() {
+            let _ = fact::decode(m.content);
         }
     }
 }
@@ -138,22 +136,19 @@ fn decode_copy_data(body: &Bytes) {
 /// envelope view; the owned decoders must agree with it.
 fn decode_in_place(run: &Bytes, body: std::ops::Range<usize>) {
     let Ok(ReplicationRef::XLogData(x)) = ReplicationRef::parse(&run[body.clone()]) else { return };
-    for in_streamed_txn in [false, true] {
-        let ctx = DecodeContext { in_streamed_txn };
-        let owned = PgOutput::decode(run.slice_ref(x.data), ctx);
-        match PgOutputRef::decode(x.data, ctx) {
-            Ok(PgOutputRef::Message(m)) => {
-                let Ok(PgOutput::Message(o)) = owned else { panic!("decoders disagree") };
-                assert_eq!((m.prefix, m.content), (&o.prefix[..], &o.content[..]));
-                if m.prefix == fact::DEFAULT_PREFIX.as_bytes() {
-                    let _ = fact::view::decode_view(run.slice_ref(m.content));
-                }
+    let owned = PgOutput::decode(run.slice_ref(x.data));
+    match PgOutputRef::decode(x.data) {
+        Ok(PgOutputRef::Message(m)) => {
+            let Ok(PgOutput::Message(o)) = owned else { panic!("decoders disagree") };
+            assert_eq!((m.prefix, m.content), (&o.prefix[..], &o.content[..]));
+            if m.prefix == fact::DEFAULT_PREFIX.as_bytes() {
+                let _ = fact::view::decode_view(run.slice_ref(m.content));
             }
-            Ok(PgOutputRef::Begin(b)) => assert_eq!(owned, Ok(PgOutput::Begin(b))),
-            Ok(PgOutputRef::Commit(c)) => assert_eq!(owned, Ok(PgOutput::Commit(c))),
-            Ok(PgOutputRef::Other) => {}
-            Err(e) => assert_eq!(owned, Err(e)),
         }
+        Ok(PgOutputRef::Begin(b)) => assert_eq!(owned, Ok(PgOutput::Begin(b))),
+        Ok(PgOutputRef::Commit(c)) => assert_eq!(owned, Ok(PgOutput::Commit(c))),
+        Ok(PgOutputRef::Other) => {}
+        Err(e) => assert_eq!(owned, Err(e)),
     }
 }
 

@@ -2,9 +2,11 @@
 //!
 //! The hot path is CopyData (`d`): [`parse_run`] cuts every whole CopyData
 //! message at the front of the read buffer as one zero-copy [`CopyRun`],
-//! whose bodies the caller decodes in place; [`parse`] cuts one message. Error and notice responses are decoded here so
-//! their SQLSTATE reaches the user; the handful of other messages seen during
-//! startup and simple queries are handed to `postgres-protocol`.
+//! whose bodies the caller decodes in place; [`parse`] cuts one message.
+//! Error and notice responses become a [`ServerError`] here, so their
+//! SQLSTATE reaches the user; their fields, and the handful of other
+//! messages seen during startup and simple queries, are read by
+//! `postgres-protocol`.
 //!
 //! **Invariants**
 //! - `parse` consumes nothing while it returns `Ok(None)`; it consumes the
@@ -14,11 +16,15 @@
 //! - A [`CopyRun`] holds only whole CopyData frames whose headers were
 //!   checked, so walking it cannot fail; [`parse_run`] never returns
 //!   `Backend::CopyData`.
+//! - No input panics, whatever `postgres-protocol` makes of it: its errors
+//!   become a [`DecodeError`], and error field values that are not UTF-8
+//!   are converted lossily (U+FFFD) rather than rejected.
 
-use bytes::{Buf, Bytes, BytesMut};
-use postgres_protocol::message::backend::Message;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::message::backend::{Message, ERROR_RESPONSE_TAG};
 
-use super::{DecodeError, Reader};
+use super::DecodeError;
 
 /// The largest backend message PostgreSQL sends (1 GiB plus headers).
 pub const DEFAULT_MAX_FRAME: usize = (1 << 30) + 4096;
@@ -91,18 +97,52 @@ impl std::fmt::Display for ServerError {
 }
 
 impl ServerError {
-    /// Decodes the body of an ErrorResponse or NoticeResponse.
+    /// Decodes the body (the frame minus its 5-byte header) of an
+    /// ErrorResponse or NoticeResponse; the two share one layout.
+    ///
+    /// The fields are read by `postgres-protocol`, which wants a whole
+    /// frame: the body is copied behind an ErrorResponse header first (an
+    /// error path, so the copy does not matter). Unknown field types are
+    /// skipped. Values are decoded lossily: a value in a non-UTF-8 server
+    /// encoding keeps its ASCII and gets U+FFFD for the rest, so the
+    /// SQLSTATE still reaches the user.
     pub fn decode(body: Bytes) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(body);
+        let len = body
+            .len()
+            .checked_add(4)
+            .and_then(|l| i32::try_from(l).ok())
+            .ok_or(DecodeError::InvalidLength {
+                what: "error response",
+                len: i64::try_from(body.len()).unwrap_or(i64::MAX),
+            })?;
+        let mut frame = BytesMut::with_capacity(body.len() + 5);
+        frame.put_u8(ERROR_RESPONSE_TAG);
+        frame.put_i32(len);
+        frame.extend_from_slice(&body);
+        let Ok(Some(Message::ErrorResponse(msg))) = Message::parse(&mut frame) else {
+            // Not reached: a whole frame with a valid header always parses
+            // as an ErrorResponse (postgres-protocol reads its fields
+            // lazily). Reported rather than assumed.
+            return Err(DecodeError::InvalidValue {
+                what: "error response",
+                value: i64::from(ERROR_RESPONSE_TAG),
+            });
+        };
         let mut e = ServerError::default();
         let mut localized_severity = None;
+        // Where the next field starts in `body`: for classifying an error.
+        let mut at = 0;
+        let mut fields = msg.fields();
         loop {
-            let field = r.u8("error field type")?;
-            if field == 0 {
-                break;
-            }
-            let value = String::from_utf8_lossy(&r.cstr_bytes("error field")?).into_owned();
-            match field {
+            let field = match fields.next() {
+                Ok(Some(field)) => field,
+                Ok(None) => break,
+                Err(_) => return Err(field_error(body.get(at..).unwrap_or_default())),
+            };
+            // Type byte, value, NUL.
+            at += field.value_bytes().len() + 2;
+            let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+            match field.type_() {
                 b'V' => e.severity = value,
                 b'S' => localized_severity = Some(value),
                 b'C' => e.code = value,
@@ -116,6 +156,26 @@ impl ServerError {
             e.severity = localized_severity.unwrap_or_else(|| "ERROR".to_owned());
         }
         Ok(e)
+    }
+}
+
+/// Why `postgres-protocol` refused the error fields, from the bytes left at
+/// the field it stopped at: it gives only an `io::Error` without position.
+fn field_error(rest: &[u8]) -> DecodeError {
+    match rest {
+        [] => DecodeError::Truncated {
+            what: "error field type",
+            need: 1,
+            have: 0,
+        },
+        [0, extra @ ..] => DecodeError::TrailingBytes {
+            what: "error response",
+            extra: extra.len(),
+        },
+        _ => DecodeError::InvalidString {
+            what: "error field",
+            reason: "missing NUL terminator",
+        },
     }
 }
 
@@ -355,5 +415,82 @@ mod tests {
         ));
         let mut buf = BytesMut::from(&frame(b'E', b"Mno terminator")[..]);
         assert!(parse(&mut buf, DEFAULT_MAX_FRAME).is_err());
+    }
+
+    #[test]
+    fn rejects_malformed_error_and_notice_bodies() {
+        let whole: &[u8] = b"SERROR\0VERROR\0C55006\0Mslot is active\0\0";
+        // Every strict prefix of a valid body is malformed, in both messages.
+        for tag in [b'E', b'N'] {
+            for cut in 0..whole.len() {
+                let mut buf = BytesMut::from(&frame(tag, &whole[..cut])[..]);
+                let got = parse(&mut buf, DEFAULT_MAX_FRAME);
+                assert!(
+                    got.is_err(),
+                    "{} with {cut} body bytes: {got:?}",
+                    tag as char
+                );
+                assert!(buf.is_empty(), "a malformed frame is consumed");
+            }
+        }
+        let cases: [(&[u8], DecodeError); 4] = [
+            (
+                b"",
+                DecodeError::Truncated {
+                    what: "error field type",
+                    need: 1,
+                    have: 0,
+                },
+            ),
+            (
+                b"C55006\0",
+                DecodeError::Truncated {
+                    what: "error field type",
+                    need: 1,
+                    have: 0,
+                },
+            ),
+            (
+                b"C55006\0Mno terminator",
+                DecodeError::InvalidString {
+                    what: "error field",
+                    reason: "missing NUL terminator",
+                },
+            ),
+            (
+                b"C55006\0\0xyz",
+                DecodeError::TrailingBytes {
+                    what: "error response",
+                    extra: 3,
+                },
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(ServerError::decode(Bytes::copy_from_slice(body)), Err(want));
+        }
+    }
+
+    #[test]
+    fn decodes_notice_and_non_utf8_fields_lossily() {
+        // A LATIN1 server: "café" with 0xE9, and a localized severity only.
+        let body = b"SAVIS\0C01000\0Mcaf\xe9 ferm\xe9\0Dd\0Hh\0Xunknown\0\0";
+        let mut buf = BytesMut::from(&frame(b'N', body)[..]);
+        match parse(&mut buf, DEFAULT_MAX_FRAME).unwrap() {
+            Some(Backend::NoticeResponse(e)) => assert_eq!(
+                e,
+                ServerError {
+                    severity: "AVIS".to_owned(),
+                    code: "01000".to_owned(),
+                    message: "caf\u{fffd} ferm\u{fffd}".to_owned(),
+                    detail: Some("d".to_owned()),
+                    hint: Some("h".to_owned()),
+                }
+            ),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(buf.is_empty());
+        // No severity at all: ERROR.
+        let e = ServerError::decode(Bytes::from_static(b"C0A000\0\0")).unwrap();
+        assert_eq!(e.to_string(), "ERROR  (SQLSTATE 0A000)");
     }
 }

@@ -1,30 +1,28 @@
 //! Decoder for `pgoutput` messages: the payload of an XLogData frame.
 //!
-//! Owns the byte layout of every logical replication message defined by
-//! PostgreSQL's "Logical Replication Message Formats" for protocol versions
-//! 1 to 4, and nothing else: it does not track transaction state, relation
-//! caches or LSN watermarks. The one piece of stream state the layout depends
-//! on, "are we between Stream Start and Stream Stop", is passed in by the
-//! caller as a [`DecodeContext`].
+//! Owns the byte layout of the logical replication messages of `pgoutput`
+//! protocol version 1 (PostgreSQL's "Logical Replication Message Formats"),
+//! and nothing else: it does not track transaction state, relation caches or
+//! LSN watermarks. Version 1 only, because the client only ever asks for it
+//! (`"proto_version" '1'` in `source::ReplicationStream::start_pgoutput`):
+//! the server then never streams in-progress transactions (v2), never sends
+//! two-phase messages (v3) and never uses parallel streaming (v4). The tags
+//! of those versions' messages (`S E c A b P K r p`) are rejected as
+//! [`DecodeError::UnknownTag`], like any other unknown tag.
 //!
 //! ```text
-//!  XLogData.data (Bytes) ──► PgOutput::decode(data, ctx) ──► PgOutput
-//!                                   │                          ├─ Begin / Commit / Message …
-//!                                   └─ ctx.in_streamed_txn     └─ prefix, content, tuple values:
-//!                                      (set by the caller from     zero-copy slices of `data`
-//!                                       StreamStart / StreamStop)
+//!  XLogData.data (Bytes) ──► PgOutput::decode(data) ──► PgOutput
+//!                                                         ├─ Begin / Commit / Message …
+//!                                                         └─ prefix, content, tuple values:
+//!                                                            zero-copy slices of `data`
 //! ```
 //!
 //! Layout notes (tag, then fields, all integers big-endian):
-//! - In streamed transactions (protocol v2+), Message, Relation, Type,
-//!   Insert, Update, Delete and Truncate carry an `Int32 xid` straight after
-//!   the tag. Nothing in the bytes says whether it is there; only the stream
-//!   position does, hence [`DecodeContext::in_streamed_txn`].
-//! - Stream Abort carries `Int64 abort_lsn, Int64 abort_ts` after the two
-//!   xids only with protocol v4 *and* `streaming = parallel`. The decoder
-//!   tells the two layouts apart by length.
-//! - Strings (prefix, names, GIDs) are kept as raw bytes without the NUL:
-//!   they are in the server encoding, which need not be UTF-8.
+//! - With protocol 1 no message carries the leading `Int32 xid` that v2+
+//!   puts in messages of streamed transactions, so every layout is fixed by
+//!   its tag alone: the decoder needs no stream state.
+//! - Strings (prefix, names) are kept as raw bytes without the NUL: they are
+//!   in the server encoding, which need not be UTF-8.
 //!
 //! **Invariants**
 //! - No input makes [`PgOutput::decode`] panic. Every read goes through
@@ -39,15 +37,6 @@ use bytes::{Buf, Bytes};
 
 use super::{Cursor, DecodeError, Reader};
 use crate::lsn::Lsn;
-
-/// Stream state the byte layout depends on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DecodeContext {
-    /// True between a Stream Start and its Stream Stop (protocol v2+). Then
-    /// Message, Relation, Type, Insert, Update, Delete and Truncate start
-    /// with an `Int32 xid`.
-    pub in_streamed_txn: bool,
-}
 
 /// One decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,24 +61,6 @@ pub enum PgOutput {
     Delete(Delete),
     /// `T`: tables were truncated.
     Truncate(Truncate),
-    /// `S`: a block of a streamed (in-progress) transaction starts (v2+).
-    StreamStart(StreamStart),
-    /// `E`: the current block of a streamed transaction ends (v2+).
-    StreamStop,
-    /// `c`: a streamed transaction commits (v2+).
-    StreamCommit(StreamCommit),
-    /// `A`: a streamed transaction or subtransaction aborts (v2+).
-    StreamAbort(StreamAbort),
-    /// `b`: a prepared transaction starts (v3+).
-    BeginPrepare(BeginPrepare),
-    /// `P`: a transaction was prepared (v3+).
-    Prepare(Prepare),
-    /// `K`: a prepared transaction was committed (v3+).
-    CommitPrepared(CommitPrepared),
-    /// `r`: a prepared transaction was rolled back (v3+).
-    RollbackPrepared(RollbackPrepared),
-    /// `p`: a streamed transaction was prepared (v3+); same layout as `P`.
-    StreamPrepare(Prepare),
 }
 
 /// `B` Begin.
@@ -120,8 +91,6 @@ pub struct Commit {
 /// `M` Message: a logical decoding message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogicalMessage {
-    /// The xid, present only inside a streamed transaction.
-    pub xid: Option<u32>,
     /// True if the message was emitted transactionally (it then arrives
     /// between Begin and Commit); false if it arrives on its own.
     pub transactional: bool,
@@ -150,8 +119,6 @@ pub struct Origin {
 /// `R` Relation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relation {
-    /// The xid, present only inside a streamed transaction.
-    pub xid: Option<u32>,
     /// The relation's OID; later change messages refer to it.
     pub relation_id: u32,
     /// Namespace (schema); empty for `pg_catalog`.
@@ -190,8 +157,6 @@ impl Column {
 /// `Y` Type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TypeMsg {
-    /// The xid, present only inside a streamed transaction.
-    pub xid: Option<u32>,
     /// The type's OID.
     pub type_oid: u32,
     /// Namespace; empty for `pg_catalog`.
@@ -209,7 +174,8 @@ pub enum TupleValue {
     UnchangedToast,
     /// `t`: the value in text format, zero-copy.
     Text(Bytes),
-    /// `b`: the value in binary format (v2+ with `binary = true`), zero-copy.
+    /// `b`: the value in binary format, zero-copy. The server sends it only
+    /// when the client sets the `binary` option, which the relay does not.
     Binary(Bytes),
 }
 
@@ -229,8 +195,6 @@ pub enum OldTuple {
 /// `I` Insert.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Insert {
-    /// The xid, present only inside a streamed transaction.
-    pub xid: Option<u32>,
     /// The relation, as announced by a [`Relation`] message.
     pub relation_id: u32,
     /// The new row.
@@ -240,8 +204,6 @@ pub struct Insert {
 /// `U` Update.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Update {
-    /// The xid, present only inside a streamed transaction.
-    pub xid: Option<u32>,
     /// The relation, as announced by a [`Relation`] message.
     pub relation_id: u32,
     /// The old key or old row, when the server sends one.
@@ -253,8 +215,6 @@ pub struct Update {
 /// `D` Delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delete {
-    /// The xid, present only inside a streamed transaction.
-    pub xid: Option<u32>,
     /// The relation, as announced by a [`Relation`] message.
     pub relation_id: u32,
     /// The old key or old row.
@@ -264,8 +224,6 @@ pub struct Delete {
 /// `T` Truncate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Truncate {
-    /// The xid, present only inside a streamed transaction.
-    pub xid: Option<u32>,
     /// Option bits: [`Truncate::CASCADE`], [`Truncate::RESTART_IDENTITY`].
     pub options: u8,
     /// The truncated relations.
@@ -277,119 +235,6 @@ impl Truncate {
     pub const CASCADE: u8 = 1;
     /// `TRUNCATE … RESTART IDENTITY`.
     pub const RESTART_IDENTITY: u8 = 2;
-}
-
-/// `S` Stream Start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamStart {
-    /// The streamed transaction's xid.
-    pub xid: u32,
-    /// True for the transaction's first block.
-    pub first_segment: bool,
-}
-
-/// `c` Stream Commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamCommit {
-    /// The streamed transaction's xid.
-    pub xid: u32,
-    /// Flags; currently unused (0). Kept as sent, not validated.
-    pub flags: u8,
-    /// The LSN of the commit record.
-    pub commit_lsn: Lsn,
-    /// The end LSN of the transaction.
-    pub end_lsn: Lsn,
-    /// Commit timestamp, PostgreSQL-epoch microseconds.
-    pub commit_ts: i64,
-}
-
-/// `A` Stream Abort.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamAbort {
-    /// The streamed transaction's xid.
-    pub xid: u32,
-    /// The aborted subtransaction's xid; equal to `xid` when the whole
-    /// transaction aborts.
-    pub subxid: u32,
-    /// Sent only with protocol v4 and `streaming = parallel`.
-    pub parallel: Option<StreamAbortInfo>,
-}
-
-/// The extra Stream Abort fields of protocol v4 with parallel streaming.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamAbortInfo {
-    /// The LSN of the abort.
-    pub abort_lsn: Lsn,
-    /// Abort timestamp, PostgreSQL-epoch microseconds.
-    pub abort_ts: i64,
-}
-
-/// `b` Begin Prepare.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BeginPrepare {
-    /// The LSN of the prepare.
-    pub prepare_lsn: Lsn,
-    /// The end LSN of the prepared transaction.
-    pub end_lsn: Lsn,
-    /// Prepare timestamp, PostgreSQL-epoch microseconds.
-    pub prepare_ts: i64,
-    /// The transaction's xid.
-    pub xid: u32,
-    /// The user-defined GID, without its NUL.
-    pub gid: Bytes,
-}
-
-/// `P` Prepare, and `p` Stream Prepare.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Prepare {
-    /// Flags; currently unused (0). Kept as sent, not validated.
-    pub flags: u8,
-    /// The LSN of the prepare.
-    pub prepare_lsn: Lsn,
-    /// The end LSN of the prepared transaction.
-    pub end_lsn: Lsn,
-    /// Prepare timestamp, PostgreSQL-epoch microseconds.
-    pub prepare_ts: i64,
-    /// The transaction's xid.
-    pub xid: u32,
-    /// The user-defined GID, without its NUL.
-    pub gid: Bytes,
-}
-
-/// `K` Commit Prepared.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommitPrepared {
-    /// Flags; currently unused (0). Kept as sent, not validated.
-    pub flags: u8,
-    /// The LSN of the commit prepared.
-    pub commit_lsn: Lsn,
-    /// The end LSN of the commit prepared transaction.
-    pub end_lsn: Lsn,
-    /// Commit timestamp, PostgreSQL-epoch microseconds.
-    pub commit_ts: i64,
-    /// The transaction's xid.
-    pub xid: u32,
-    /// The user-defined GID, without its NUL.
-    pub gid: Bytes,
-}
-
-/// `r` Rollback Prepared.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RollbackPrepared {
-    /// Flags; currently unused (0). Kept as sent, not validated.
-    pub flags: u8,
-    /// The end LSN of the prepared transaction.
-    pub prepare_end_lsn: Lsn,
-    /// The end LSN of the rollback prepared transaction.
-    pub rollback_end_lsn: Lsn,
-    /// Prepare timestamp, PostgreSQL-epoch microseconds.
-    pub prepare_ts: i64,
-    /// Rollback timestamp, PostgreSQL-epoch microseconds.
-    pub rollback_ts: i64,
-    /// The transaction's xid.
-    pub xid: u32,
-    /// The user-defined GID, without its NUL.
-    pub gid: Bytes,
 }
 
 /// The messages a messages-only publication streams, decoded from a
@@ -412,8 +257,6 @@ pub enum PgOutputRef<'a> {
 /// [`LogicalMessage`] borrowed from its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageRef<'a> {
-    /// The xid, present only inside a streamed transaction.
-    pub xid: Option<u32>,
     /// See [`LogicalMessage::transactional`].
     pub transactional: bool,
     /// The LSN of the message.
@@ -427,12 +270,12 @@ pub struct MessageRef<'a> {
 impl<'a> PgOutputRef<'a> {
     /// Decodes a Begin, Commit or Message payload (the whole XLogData
     /// payload); any other tag gives `Other` and reads nothing.
-    pub fn decode(data: &'a [u8], ctx: DecodeContext) -> Result<Self, DecodeError> {
+    pub fn decode(data: &'a [u8]) -> Result<Self, DecodeError> {
         let mut r = Cursor::new(data);
         let (msg, what) = match r.u8("pgoutput tag")? {
             b'B' => (PgOutputRef::Begin(begin(&mut r)?), "Begin"),
             b'C' => (PgOutputRef::Commit(commit(&mut r)?), "Commit"),
-            b'M' => (PgOutputRef::Message(message(&mut r, ctx)?), "Message"),
+            b'M' => (PgOutputRef::Message(message(&mut r)?), "Message"),
             _ => return Ok(PgOutputRef::Other),
         };
         r.finish(what)?;
@@ -449,26 +292,24 @@ const TRUNCATE_OID_LEN: usize = 4;
 
 impl PgOutput {
     /// Decodes one pgoutput message (the whole XLogData payload).
-    pub fn decode(mut data: Bytes, ctx: DecodeContext) -> Result<PgOutput, DecodeError> {
+    pub fn decode(mut data: Bytes) -> Result<PgOutput, DecodeError> {
         // Begin, Commit and Message have one decoder, the borrowed one.
-        let m = match PgOutputRef::decode(&data, ctx)? {
+        let m = match PgOutputRef::decode(&data)? {
             PgOutputRef::Begin(b) => return Ok(PgOutput::Begin(b)),
             PgOutputRef::Commit(c) => return Ok(PgOutput::Commit(c)),
             PgOutputRef::Message(m) => Some((
                 data.slice_ref(m.prefix),
                 data.len() - m.content.len(),
-                m.xid,
                 m.transactional,
                 m.lsn,
             )),
             PgOutputRef::Other => None,
         };
-        if let Some((prefix, content_at, xid, transactional, lsn)) = m {
+        if let Some((prefix, content_at, transactional, lsn)) = m {
             // The content is the input's tail: hand the input's own handle
             // over rather than make another.
             data.advance(content_at);
             return Ok(PgOutput::Message(LogicalMessage {
-                xid,
                 transactional,
                 lsn,
                 prefix,
@@ -479,33 +320,12 @@ impl PgOutput {
         let tag = r.u8("pgoutput tag")?;
         let (msg, what) = match tag {
             b'O' => (PgOutput::Origin(origin(&mut r)?), "Origin"),
-            b'R' => (PgOutput::Relation(relation(&mut r, ctx)?), "Relation"),
-            b'Y' => (PgOutput::Type(type_msg(&mut r, ctx)?), "Type"),
-            b'I' => (PgOutput::Insert(insert(&mut r, ctx)?), "Insert"),
-            b'U' => (PgOutput::Update(update(&mut r, ctx)?), "Update"),
-            b'D' => (PgOutput::Delete(delete(&mut r, ctx)?), "Delete"),
-            b'T' => (PgOutput::Truncate(truncate(&mut r, ctx)?), "Truncate"),
-            b'S' => (PgOutput::StreamStart(stream_start(&mut r)?), "Stream Start"),
-            b'E' => (PgOutput::StreamStop, "Stream Stop"),
-            b'c' => (
-                PgOutput::StreamCommit(stream_commit(&mut r)?),
-                "Stream Commit",
-            ),
-            b'A' => (PgOutput::StreamAbort(stream_abort(&mut r)?), "Stream Abort"),
-            b'b' => (
-                PgOutput::BeginPrepare(begin_prepare(&mut r)?),
-                "Begin Prepare",
-            ),
-            b'P' => (PgOutput::Prepare(prepare(&mut r)?), "Prepare"),
-            b'K' => (
-                PgOutput::CommitPrepared(commit_prepared(&mut r)?),
-                "Commit Prepared",
-            ),
-            b'r' => (
-                PgOutput::RollbackPrepared(rollback_prepared(&mut r)?),
-                "Rollback Prepared",
-            ),
-            b'p' => (PgOutput::StreamPrepare(prepare(&mut r)?), "Stream Prepare"),
+            b'R' => (PgOutput::Relation(relation(&mut r)?), "Relation"),
+            b'Y' => (PgOutput::Type(type_msg(&mut r)?), "Type"),
+            b'I' => (PgOutput::Insert(insert(&mut r)?), "Insert"),
+            b'U' => (PgOutput::Update(update(&mut r)?), "Update"),
+            b'D' => (PgOutput::Delete(delete(&mut r)?), "Delete"),
+            b'T' => (PgOutput::Truncate(truncate(&mut r)?), "Truncate"),
             tag => {
                 return Err(DecodeError::UnknownTag {
                     context: "pgoutput",
@@ -530,34 +350,12 @@ impl PgOutput {
             PgOutput::Update(_) => b'U',
             PgOutput::Delete(_) => b'D',
             PgOutput::Truncate(_) => b'T',
-            PgOutput::StreamStart(_) => b'S',
-            PgOutput::StreamStop => b'E',
-            PgOutput::StreamCommit(_) => b'c',
-            PgOutput::StreamAbort(_) => b'A',
-            PgOutput::BeginPrepare(_) => b'b',
-            PgOutput::Prepare(_) => b'P',
-            PgOutput::CommitPrepared(_) => b'K',
-            PgOutput::RollbackPrepared(_) => b'r',
-            PgOutput::StreamPrepare(_) => b'p',
         }
     }
 }
 
 fn lsn(r: &mut Reader, what: &'static str) -> Result<Lsn, DecodeError> {
     r.u64(what).map(Lsn)
-}
-
-/// The `Int32 xid` that leads some messages inside streamed transactions.
-fn streamed_xid(
-    r: &mut Reader,
-    ctx: DecodeContext,
-    what: &'static str,
-) -> Result<Option<u32>, DecodeError> {
-    if ctx.in_streamed_txn {
-        r.u32(what).map(Some)
-    } else {
-        Ok(None)
-    }
 }
 
 /// A non-negative count from the wire, as `usize`.
@@ -588,12 +386,7 @@ fn commit(r: &mut Cursor<'_>) -> Result<Commit, DecodeError> {
     })
 }
 
-fn message<'a>(r: &mut Cursor<'a>, ctx: DecodeContext) -> Result<MessageRef<'a>, DecodeError> {
-    let xid = if ctx.in_streamed_txn {
-        Some(r.u32("Message xid")?)
-    } else {
-        None
-    };
+fn message<'a>(r: &mut Cursor<'a>) -> Result<MessageRef<'a>, DecodeError> {
     let flags = r.u8("Message flags")?;
     if flags & !LogicalMessage::FLAG_TRANSACTIONAL != 0 {
         return Err(DecodeError::InvalidValue {
@@ -607,7 +400,6 @@ fn message<'a>(r: &mut Cursor<'a>, ctx: DecodeContext) -> Result<MessageRef<'a>,
         .len_prefixed("Message content", false)?
         .unwrap_or_default();
     Ok(MessageRef {
-        xid,
         transactional: flags & LogicalMessage::FLAG_TRANSACTIONAL != 0,
         lsn,
         prefix,
@@ -622,8 +414,7 @@ fn origin(r: &mut Reader) -> Result<Origin, DecodeError> {
     })
 }
 
-fn relation(r: &mut Reader, ctx: DecodeContext) -> Result<Relation, DecodeError> {
-    let xid = streamed_xid(r, ctx, "Relation xid")?;
+fn relation(r: &mut Reader) -> Result<Relation, DecodeError> {
     let relation_id = r.u32("Relation id")?;
     let namespace = r.cstr_bytes("Relation namespace")?;
     let name = r.cstr_bytes("Relation name")?;
@@ -642,7 +433,6 @@ fn relation(r: &mut Reader, ctx: DecodeContext) -> Result<Relation, DecodeError>
         });
     }
     Ok(Relation {
-        xid,
         relation_id,
         namespace,
         name,
@@ -651,9 +441,8 @@ fn relation(r: &mut Reader, ctx: DecodeContext) -> Result<Relation, DecodeError>
     })
 }
 
-fn type_msg(r: &mut Reader, ctx: DecodeContext) -> Result<TypeMsg, DecodeError> {
+fn type_msg(r: &mut Reader) -> Result<TypeMsg, DecodeError> {
     Ok(TypeMsg {
-        xid: streamed_xid(r, ctx, "Type xid")?,
         type_oid: r.u32("Type oid")?,
         namespace: r.cstr_bytes("Type namespace")?,
         name: r.cstr_bytes("Type name")?,
@@ -701,20 +490,14 @@ fn new_tuple(r: &mut Reader, kind: u8, what: &'static str) -> Result<TupleData, 
     tuple_data(r)
 }
 
-fn insert(r: &mut Reader, ctx: DecodeContext) -> Result<Insert, DecodeError> {
-    let xid = streamed_xid(r, ctx, "Insert xid")?;
+fn insert(r: &mut Reader) -> Result<Insert, DecodeError> {
     let relation_id = r.u32("Insert relation id")?;
     let kind = r.u8("Insert tuple kind")?;
     let new = new_tuple(r, kind, "Insert tuple kind")?;
-    Ok(Insert {
-        xid,
-        relation_id,
-        new,
-    })
+    Ok(Insert { relation_id, new })
 }
 
-fn update(r: &mut Reader, ctx: DecodeContext) -> Result<Update, DecodeError> {
-    let xid = streamed_xid(r, ctx, "Update xid")?;
+fn update(r: &mut Reader) -> Result<Update, DecodeError> {
     let relation_id = r.u32("Update relation id")?;
     let mut kind = r.u8("Update tuple kind")?;
     let old = match kind {
@@ -732,15 +515,13 @@ fn update(r: &mut Reader, ctx: DecodeContext) -> Result<Update, DecodeError> {
     };
     let new = new_tuple(r, kind, "Update tuple kind")?;
     Ok(Update {
-        xid,
         relation_id,
         old,
         new,
     })
 }
 
-fn delete(r: &mut Reader, ctx: DecodeContext) -> Result<Delete, DecodeError> {
-    let xid = streamed_xid(r, ctx, "Delete xid")?;
+fn delete(r: &mut Reader) -> Result<Delete, DecodeError> {
     let relation_id = r.u32("Delete relation id")?;
     let old = match r.u8("Delete tuple kind")? {
         b'K' => OldTuple::Key(tuple_data(r)?),
@@ -752,15 +533,10 @@ fn delete(r: &mut Reader, ctx: DecodeContext) -> Result<Delete, DecodeError> {
             })
         }
     };
-    Ok(Delete {
-        xid,
-        relation_id,
-        old,
-    })
+    Ok(Delete { relation_id, old })
 }
 
-fn truncate(r: &mut Reader, ctx: DecodeContext) -> Result<Truncate, DecodeError> {
-    let xid = streamed_xid(r, ctx, "Truncate xid")?;
+fn truncate(r: &mut Reader) -> Result<Truncate, DecodeError> {
     let n = count(
         "Truncate relation count",
         i64::from(r.i32("Truncate relation count")?),
@@ -771,111 +547,14 @@ fn truncate(r: &mut Reader, ctx: DecodeContext) -> Result<Truncate, DecodeError>
         relation_ids.push(r.u32("Truncate relation id")?);
     }
     Ok(Truncate {
-        xid,
         options,
         relation_ids,
-    })
-}
-
-fn stream_start(r: &mut Reader) -> Result<StreamStart, DecodeError> {
-    let xid = r.u32("Stream Start xid")?;
-    let first_segment = match r.u8("Stream Start first segment")? {
-        0 => false,
-        1 => true,
-        v => {
-            return Err(DecodeError::InvalidValue {
-                what: "Stream Start first segment",
-                value: i64::from(v),
-            })
-        }
-    };
-    Ok(StreamStart { xid, first_segment })
-}
-
-fn stream_commit(r: &mut Reader) -> Result<StreamCommit, DecodeError> {
-    Ok(StreamCommit {
-        xid: r.u32("Stream Commit xid")?,
-        flags: r.u8("Stream Commit flags")?,
-        commit_lsn: lsn(r, "Stream Commit commit_lsn")?,
-        end_lsn: lsn(r, "Stream Commit end_lsn")?,
-        commit_ts: r.i64("Stream Commit commit_ts")?,
-    })
-}
-
-fn stream_abort(r: &mut Reader) -> Result<StreamAbort, DecodeError> {
-    let xid = r.u32("Stream Abort xid")?;
-    let subxid = r.u32("Stream Abort subxid")?;
-    // The v4 parallel-streaming tail is there or not; its presence is only
-    // visible from the length. A partial tail is reported as truncated.
-    let parallel = if r.remaining() == 0 {
-        None
-    } else {
-        Some(StreamAbortInfo {
-            abort_lsn: lsn(r, "Stream Abort abort_lsn")?,
-            abort_ts: r.i64("Stream Abort abort_ts")?,
-        })
-    };
-    Ok(StreamAbort {
-        xid,
-        subxid,
-        parallel,
-    })
-}
-
-fn begin_prepare(r: &mut Reader) -> Result<BeginPrepare, DecodeError> {
-    Ok(BeginPrepare {
-        prepare_lsn: lsn(r, "Begin Prepare prepare_lsn")?,
-        end_lsn: lsn(r, "Begin Prepare end_lsn")?,
-        prepare_ts: r.i64("Begin Prepare prepare_ts")?,
-        xid: r.u32("Begin Prepare xid")?,
-        gid: r.cstr_bytes("Begin Prepare gid")?,
-    })
-}
-
-fn prepare(r: &mut Reader) -> Result<Prepare, DecodeError> {
-    Ok(Prepare {
-        flags: r.u8("Prepare flags")?,
-        prepare_lsn: lsn(r, "Prepare prepare_lsn")?,
-        end_lsn: lsn(r, "Prepare end_lsn")?,
-        prepare_ts: r.i64("Prepare prepare_ts")?,
-        xid: r.u32("Prepare xid")?,
-        gid: r.cstr_bytes("Prepare gid")?,
-    })
-}
-
-fn commit_prepared(r: &mut Reader) -> Result<CommitPrepared, DecodeError> {
-    Ok(CommitPrepared {
-        flags: r.u8("Commit Prepared flags")?,
-        commit_lsn: lsn(r, "Commit Prepared commit_lsn")?,
-        end_lsn: lsn(r, "Commit Prepared end_lsn")?,
-        commit_ts: r.i64("Commit Prepared commit_ts")?,
-        xid: r.u32("Commit Prepared xid")?,
-        gid: r.cstr_bytes("Commit Prepared gid")?,
-    })
-}
-
-fn rollback_prepared(r: &mut Reader) -> Result<RollbackPrepared, DecodeError> {
-    Ok(RollbackPrepared {
-        flags: r.u8("Rollback Prepared flags")?,
-        prepare_end_lsn: lsn(r, "Rollback Prepared prepare_end_lsn")?,
-        rollback_end_lsn: lsn(r, "Rollback Prepared rollback_end_lsn")?,
-        prepare_ts: r.i64("Rollback Prepared prepare_ts")?,
-        rollback_ts: r.i64("Rollback Prepared rollback_ts")?,
-        xid: r.u32("Rollback Prepared xid")?,
-        gid: r.cstr_bytes("Rollback Prepared gid")?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const PLAIN: DecodeContext = DecodeContext {
-        in_streamed_txn: false,
-    };
-    const STREAMED: DecodeContext = DecodeContext {
-        in_streamed_txn: true,
-    };
 
     /// A tiny big-endian byte builder for hand-written fixtures.
     struct B(Vec<u8>);
@@ -926,8 +605,8 @@ mod tests {
         }
     }
 
-    fn decode(b: &Bytes, ctx: DecodeContext) -> Result<PgOutput, DecodeError> {
-        PgOutput::decode(b.clone(), ctx)
+    fn decode(b: &Bytes) -> Result<PgOutput, DecodeError> {
+        PgOutput::decode(b.clone())
     }
 
     fn within(outer: &Bytes, inner: &Bytes) -> bool {
@@ -987,27 +666,25 @@ mod tests {
     fn decodes_begin() {
         let b = begin_bytes();
         assert_eq!(
-            decode(&b, PLAIN).unwrap(),
+            decode(&b).unwrap(),
             PgOutput::Begin(Begin {
                 final_lsn: Lsn(0x16_B374_D848),
                 commit_ts: 777,
                 xid: 4242
             })
         );
-        // Begin never carries a leading xid, streamed or not.
-        assert_eq!(decode(&b, STREAMED).unwrap(), decode(&b, PLAIN).unwrap());
-        assert_eq!(decode(&b, PLAIN).unwrap().tag(), b'B');
+        assert_eq!(decode(&b).unwrap().tag(), b'B');
     }
 
     #[test]
     fn borrowed_decode_reads_begin_commit_message_and_leaves_the_rest() {
         let b = message_bytes(1);
-        let Ok(PgOutputRef::Message(m)) = PgOutputRef::decode(&b, DecodeContext::default()) else {
+        let Ok(PgOutputRef::Message(m)) = PgOutputRef::decode(&b) else {
             panic!("a message")
         };
         assert_eq!(m.content.as_ptr(), b[b.len() - m.content.len()..].as_ptr());
         assert!(matches!(
-            PgOutputRef::decode(&begin_bytes(), DecodeContext::default()),
+            PgOutputRef::decode(&begin_bytes()),
             Ok(PgOutputRef::Begin(_))
         ));
         for other in [
@@ -1015,19 +692,16 @@ mod tests {
             relation_bytes(),
             Bytes::from_static(b"?junk"),
         ] {
-            assert_eq!(
-                PgOutputRef::decode(&other, DecodeContext::default()),
-                Ok(PgOutputRef::Other)
-            );
+            assert_eq!(PgOutputRef::decode(&other), Ok(PgOutputRef::Other));
         }
-        assert!(PgOutputRef::decode(&begin_bytes()[..5], DecodeContext::default()).is_err());
+        assert!(PgOutputRef::decode(&begin_bytes()[..5]).is_err());
     }
 
     #[test]
     fn decodes_commit() {
         let b = B::tag(b'C').u8(0).u64(0x20).u64(0x28).i64(-5).done();
         assert_eq!(
-            decode(&b, PLAIN).unwrap(),
+            decode(&b).unwrap(),
             PgOutput::Commit(Commit {
                 flags: 0,
                 commit_lsn: Lsn(0x20),
@@ -1041,10 +715,9 @@ mod tests {
     fn decodes_messages_zero_copy() {
         for (flags, transactional) in [(0u8, false), (1u8, true)] {
             let b = message_bytes(flags);
-            let PgOutput::Message(m) = decode(&b, PLAIN).unwrap() else {
+            let PgOutput::Message(m) = decode(&b).unwrap() else {
                 panic!("not a message");
             };
-            assert_eq!(m.xid, None);
             assert_eq!(m.transactional, transactional);
             assert_eq!(m.lsn, Lsn(0x10));
             assert_eq!(&m.prefix[..], b"factlib");
@@ -1057,42 +730,18 @@ mod tests {
     #[test]
     fn decodes_empty_message_content_and_prefix() {
         let b = B::tag(b'M').u8(0).u64(1).cstr(b"").counted(b"").done();
-        let PgOutput::Message(m) = decode(&b, PLAIN).unwrap() else {
+        let PgOutput::Message(m) = decode(&b).unwrap() else {
             panic!("not a message");
         };
         assert!(m.prefix.is_empty() && m.content.is_empty());
     }
 
     #[test]
-    fn decodes_streamed_message_with_xid() {
-        let b = B::tag(b'M')
-            .u32(991)
-            .u8(1)
-            .u64(0x30)
-            .cstr(b"p")
-            .counted(b"xyz")
-            .done();
-        assert_eq!(
-            decode(&b, STREAMED).unwrap(),
-            PgOutput::Message(LogicalMessage {
-                xid: Some(991),
-                transactional: true,
-                lsn: Lsn(0x30),
-                prefix: Bytes::from_static(b"p"),
-                content: Bytes::from_static(b"xyz"),
-            })
-        );
-        // The same bytes read without the xid are garbage: flags byte 0.
-        assert!(decode(&b, PLAIN).is_err());
-    }
-
-    #[test]
     fn decodes_relation() {
         let b = relation_bytes();
-        let PgOutput::Relation(rel) = decode(&b, PLAIN).unwrap() else {
+        let PgOutput::Relation(rel) = decode(&b).unwrap() else {
             panic!("not a relation");
         };
-        assert_eq!(rel.xid, None);
         assert_eq!(rel.relation_id, 16384);
         assert_eq!(&rel.namespace[..], b"public");
         assert_eq!(&rel.name[..], b"outbox");
@@ -1130,7 +779,7 @@ mod tests {
             .u8(b'b')
             .counted(b"\x00\x01")
             .done();
-        let PgOutput::Insert(ins) = decode(&b, PLAIN).unwrap() else {
+        let PgOutput::Insert(ins) = decode(&b).unwrap() else {
             panic!("not an insert");
         };
         assert_eq!(ins.relation_id, 16384);
@@ -1153,9 +802,8 @@ mod tests {
     fn decodes_update_with_and_without_old_key() {
         let b = update_bytes();
         assert_eq!(
-            decode(&b, PLAIN).unwrap(),
+            decode(&b).unwrap(),
             PgOutput::Update(Update {
-                xid: None,
                 relation_id: 16384,
                 old: Some(OldTuple::Key(vec![
                     TupleValue::Text(Bytes::from_static(b"1")),
@@ -1169,21 +817,10 @@ mod tests {
         );
         let b = B::tag(b'U').u32(7).u8(b'O').i16(0).u8(b'N').i16(0).done();
         assert_eq!(
-            decode(&b, PLAIN).unwrap(),
+            decode(&b).unwrap(),
             PgOutput::Update(Update {
-                xid: None,
                 relation_id: 7,
                 old: Some(OldTuple::Full(vec![])),
-                new: vec![],
-            })
-        );
-        let b = B::tag(b'U').u32(5).u32(7).u8(b'N').i16(0).done();
-        assert_eq!(
-            decode(&b, STREAMED).unwrap(),
-            PgOutput::Update(Update {
-                xid: Some(5),
-                relation_id: 7,
-                old: None,
                 new: vec![],
             })
         );
@@ -1199,16 +836,15 @@ mod tests {
             .counted(b"9")
             .done();
         assert_eq!(
-            decode(&b, PLAIN).unwrap(),
+            decode(&b).unwrap(),
             PgOutput::Delete(Delete {
-                xid: None,
                 relation_id: 16384,
                 old: OldTuple::Key(vec![TupleValue::Text(Bytes::from_static(b"9"))]),
             })
         );
         let b = B::tag(b'D').u32(1).u8(b'N').i16(0).done();
         assert!(matches!(
-            decode(&b, PLAIN),
+            decode(&b),
             Err(DecodeError::InvalidValue { value, .. }) if value == i64::from(b'N')
         ));
     }
@@ -1216,27 +852,18 @@ mod tests {
     #[test]
     fn decodes_truncate() {
         let b = B::tag(b'T').i32(2).u8(3).u32(10).u32(11).done();
-        let PgOutput::Truncate(t) = decode(&b, PLAIN).unwrap() else {
+        let PgOutput::Truncate(t) = decode(&b).unwrap() else {
             panic!("not a truncate");
         };
         assert_eq!(t.relation_ids, vec![10, 11]);
         assert_eq!(t.options, Truncate::CASCADE | Truncate::RESTART_IDENTITY);
-        let b = B::tag(b'T').u32(9).i32(0).u8(0).done();
-        assert_eq!(
-            decode(&b, STREAMED).unwrap(),
-            PgOutput::Truncate(Truncate {
-                xid: Some(9),
-                options: 0,
-                relation_ids: vec![]
-            })
-        );
     }
 
     #[test]
     fn decodes_origin_and_type() {
         let b = B::tag(b'O').u64(0x99).cstr(b"node_a").done();
         assert_eq!(
-            decode(&b, PLAIN).unwrap(),
+            decode(&b).unwrap(),
             PgOutput::Origin(Origin {
                 origin_lsn: Lsn(0x99),
                 name: Bytes::from_static(b"node_a")
@@ -1244,9 +871,8 @@ mod tests {
         );
         let b = B::tag(b'Y').u32(16500).cstr(b"").cstr(b"mood").done();
         assert_eq!(
-            decode(&b, PLAIN).unwrap(),
+            decode(&b).unwrap(),
             PgOutput::Type(TypeMsg {
-                xid: None,
                 type_oid: 16500,
                 namespace: Bytes::new(),
                 name: Bytes::from_static(b"mood")
@@ -1255,208 +881,108 @@ mod tests {
     }
 
     #[test]
-    fn decodes_stream_and_two_phase_messages() {
-        let cases: Vec<(Bytes, PgOutput)> = vec![
-            (
-                B::tag(b'S').u32(5).u8(1).done(),
-                PgOutput::StreamStart(StreamStart {
-                    xid: 5,
-                    first_segment: true,
-                }),
-            ),
-            (B::tag(b'E').done(), PgOutput::StreamStop),
-            (
-                B::tag(b'c').u32(5).u8(0).u64(1).u64(2).i64(3).done(),
-                PgOutput::StreamCommit(StreamCommit {
-                    xid: 5,
-                    flags: 0,
-                    commit_lsn: Lsn(1),
-                    end_lsn: Lsn(2),
-                    commit_ts: 3,
-                }),
-            ),
-            (
-                B::tag(b'A').u32(5).u32(6).done(),
-                PgOutput::StreamAbort(StreamAbort {
-                    xid: 5,
-                    subxid: 6,
-                    parallel: None,
-                }),
-            ),
-            (
-                B::tag(b'A').u32(5).u32(5).u64(7).i64(8).done(),
-                PgOutput::StreamAbort(StreamAbort {
-                    xid: 5,
-                    subxid: 5,
-                    parallel: Some(StreamAbortInfo {
-                        abort_lsn: Lsn(7),
-                        abort_ts: 8,
-                    }),
-                }),
-            ),
-            (
-                B::tag(b'b').u64(1).u64(2).i64(3).u32(4).cstr(b"g1").done(),
-                PgOutput::BeginPrepare(BeginPrepare {
-                    prepare_lsn: Lsn(1),
-                    end_lsn: Lsn(2),
-                    prepare_ts: 3,
-                    xid: 4,
-                    gid: Bytes::from_static(b"g1"),
-                }),
-            ),
-            (
-                B::tag(b'P')
-                    .u8(0)
-                    .u64(1)
-                    .u64(2)
-                    .i64(3)
-                    .u32(4)
-                    .cstr(b"g1")
-                    .done(),
-                PgOutput::Prepare(Prepare {
-                    flags: 0,
-                    prepare_lsn: Lsn(1),
-                    end_lsn: Lsn(2),
-                    prepare_ts: 3,
-                    xid: 4,
-                    gid: Bytes::from_static(b"g1"),
-                }),
-            ),
-            (
-                B::tag(b'p')
-                    .u8(0)
-                    .u64(1)
-                    .u64(2)
-                    .i64(3)
-                    .u32(4)
-                    .cstr(b"g1")
-                    .done(),
-                PgOutput::StreamPrepare(Prepare {
-                    flags: 0,
-                    prepare_lsn: Lsn(1),
-                    end_lsn: Lsn(2),
-                    prepare_ts: 3,
-                    xid: 4,
-                    gid: Bytes::from_static(b"g1"),
-                }),
-            ),
-            (
-                B::tag(b'K')
-                    .u8(0)
-                    .u64(1)
-                    .u64(2)
-                    .i64(3)
-                    .u32(4)
-                    .cstr(b"g1")
-                    .done(),
-                PgOutput::CommitPrepared(CommitPrepared {
-                    flags: 0,
-                    commit_lsn: Lsn(1),
-                    end_lsn: Lsn(2),
-                    commit_ts: 3,
-                    xid: 4,
-                    gid: Bytes::from_static(b"g1"),
-                }),
-            ),
-            (
-                B::tag(b'r')
-                    .u8(0)
-                    .u64(1)
-                    .u64(2)
-                    .i64(3)
-                    .i64(4)
-                    .u32(5)
-                    .cstr(b"g1")
-                    .done(),
-                PgOutput::RollbackPrepared(RollbackPrepared {
-                    flags: 0,
-                    prepare_end_lsn: Lsn(1),
-                    rollback_end_lsn: Lsn(2),
-                    prepare_ts: 3,
-                    rollback_ts: 4,
-                    xid: 5,
-                    gid: Bytes::from_static(b"g1"),
-                }),
-            ),
+    fn protocol_v2_to_v4_tags_are_unknown() {
+        // Well-formed v2-v4 messages (Stream Start, Stream Stop, Stream
+        // Commit, Stream Abort in both layouts, Begin Prepare, Prepare,
+        // Stream Prepare, Commit Prepared, Rollback Prepared): with protocol
+        // 1 the server never sends them, so they are unknown tags.
+        let removed = [
+            B::tag(b'S').u32(5).u8(1).done(),
+            B::tag(b'E').done(),
+            B::tag(b'c').u32(5).u8(0).u64(1).u64(2).i64(3).done(),
+            B::tag(b'A').u32(5).u32(6).done(),
+            B::tag(b'A').u32(5).u32(5).u64(7).i64(8).done(),
+            B::tag(b'b').u64(1).u64(2).i64(3).u32(4).cstr(b"g1").done(),
+            B::tag(b'P')
+                .u8(0)
+                .u64(1)
+                .u64(2)
+                .i64(3)
+                .u32(4)
+                .cstr(b"g1")
+                .done(),
+            B::tag(b'p')
+                .u8(0)
+                .u64(1)
+                .u64(2)
+                .i64(3)
+                .u32(4)
+                .cstr(b"g1")
+                .done(),
+            B::tag(b'K')
+                .u8(0)
+                .u64(1)
+                .u64(2)
+                .i64(3)
+                .u32(4)
+                .cstr(b"g1")
+                .done(),
+            B::tag(b'r')
+                .u8(0)
+                .u64(1)
+                .u64(2)
+                .i64(3)
+                .i64(4)
+                .u32(5)
+                .cstr(b"g1")
+                .done(),
         ];
-        for (bytes, want) in cases {
-            // None of these carry the streamed-transaction xid.
-            for ctx in [PLAIN, STREAMED] {
-                let got = decode(&bytes, ctx).unwrap();
-                assert_eq!(got, want);
-                assert_eq!(got.tag(), bytes[0]);
-            }
+        let mut tags: Vec<u8> = removed.iter().map(|b| b[0]).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        assert_eq!(tags, b"AEKPSbcpr", "every removed tag is covered");
+        for bytes in removed {
+            let tag = bytes[0];
+            let unknown = DecodeError::UnknownTag {
+                context: "pgoutput",
+                tag,
+            };
+            assert_eq!(decode(&bytes), Err(unknown.clone()));
+            // Also as a bare tag, and whatever follows it.
+            assert_eq!(decode(&B::tag(tag).done()), Err(unknown.clone()));
+            assert_eq!(
+                decode(&B::tag(tag).raw(b"\xff\x00junk").done()),
+                Err(unknown)
+            );
+            assert_eq!(PgOutputRef::decode(&bytes), Ok(PgOutputRef::Other));
         }
     }
 
     #[test]
     fn every_truncation_is_an_error() {
         let valid = [
-            (begin_bytes(), PLAIN),
-            (B::tag(b'C').u8(0).u64(1).u64(2).i64(3).done(), PLAIN),
-            (message_bytes(1), PLAIN),
-            (message_bytes(0), PLAIN),
-            (
-                B::tag(b'M')
-                    .u32(1)
-                    .u8(1)
-                    .u64(2)
-                    .cstr(b"p")
-                    .counted(b"c")
-                    .done(),
-                STREAMED,
-            ),
-            (relation_bytes(), PLAIN),
-            (update_bytes(), PLAIN),
-            (B::tag(b'T').i32(2).u8(0).u32(10).u32(11).done(), PLAIN),
-            (B::tag(b'O').u64(0x99).cstr(b"o").done(), PLAIN),
-            (B::tag(b'Y').u32(1).cstr(b"n").cstr(b"t").done(), PLAIN),
-            (B::tag(b'S').u32(5).u8(0).done(), PLAIN),
-            (
-                B::tag(b'r')
-                    .u8(0)
-                    .u64(1)
-                    .u64(2)
-                    .i64(3)
-                    .i64(4)
-                    .u32(5)
-                    .cstr(b"g")
-                    .done(),
-                PLAIN,
-            ),
+            begin_bytes(),
+            B::tag(b'C').u8(0).u64(1).u64(2).i64(3).done(),
+            message_bytes(1),
+            message_bytes(0),
+            relation_bytes(),
+            update_bytes(),
+            B::tag(b'T').i32(2).u8(0).u32(10).u32(11).done(),
+            B::tag(b'O').u64(0x99).cstr(b"o").done(),
+            B::tag(b'Y').u32(1).cstr(b"n").cstr(b"t").done(),
         ];
-        for (bytes, ctx) in valid {
-            assert!(decode(&bytes, ctx).is_ok(), "{bytes:?}");
+        for bytes in valid {
+            assert!(decode(&bytes).is_ok(), "{bytes:?}");
             for cut in 0..bytes.len() {
                 assert!(
-                    decode(&bytes.slice(..cut), ctx).is_err(),
+                    decode(&bytes.slice(..cut)).is_err(),
                     "prefix of {cut} bytes of {bytes:?} decoded"
                 );
             }
-        }
-        // Stream Abort is the one message whose v2 form is a prefix of its
-        // v4 form: only cuts inside the optional tail, or before it, fail.
-        let abort = B::tag(b'A').u32(5).u32(5).u64(7).i64(8).done();
-        for cut in 0..abort.len() {
-            assert_eq!(
-                decode(&abort.slice(..cut), PLAIN).is_ok(),
-                cut == 9,
-                "cut {cut}"
-            );
         }
     }
 
     #[test]
     fn rejects_unknown_tag_and_empty_input() {
         assert_eq!(
-            decode(&B::tag(b'Z').done(), PLAIN),
+            decode(&B::tag(b'Z').done()),
             Err(DecodeError::UnknownTag {
                 context: "pgoutput",
                 tag: b'Z'
             })
         );
         assert!(matches!(
-            decode(&Bytes::new(), PLAIN),
+            decode(&Bytes::new()),
             Err(DecodeError::Truncated { .. })
         ));
     }
@@ -1471,27 +997,24 @@ mod tests {
             .i16(-1)
             .done();
         assert!(matches!(
-            decode(&b, PLAIN),
+            decode(&b),
             Err(DecodeError::InvalidLength { len: -1, .. })
         ));
         let b = B::tag(b'I').u32(1).u8(b'N').i16(-3).done();
         assert!(matches!(
-            decode(&b, PLAIN),
+            decode(&b),
             Err(DecodeError::InvalidLength { len: -3, .. })
         ));
         let b = B::tag(b'T').i32(i32::MIN).u8(0).done();
-        assert!(matches!(
-            decode(&b, PLAIN),
-            Err(DecodeError::InvalidLength { .. })
-        ));
+        assert!(matches!(decode(&b), Err(DecodeError::InvalidLength { .. })));
         let b = B::tag(b'M').u8(0).u64(1).cstr(b"p").i32(-1).done();
         assert!(matches!(
-            decode(&b, PLAIN),
+            decode(&b),
             Err(DecodeError::InvalidLength { len: -1, .. })
         ));
         let b = B::tag(b'I').u32(1).u8(b'N').i16(1).u8(b't').i32(-1).done();
         assert!(matches!(
-            decode(&b, PLAIN),
+            decode(&b),
             Err(DecodeError::InvalidLength { len: -1, .. })
         ));
     }
@@ -1501,15 +1024,9 @@ mod tests {
         // i32::MAX relations and i16::MAX columns with almost no input: a
         // truncation error, not an attempt to reserve gigabytes.
         let b = B::tag(b'T').i32(i32::MAX).u8(0).u32(1).done();
-        assert!(matches!(
-            decode(&b, PLAIN),
-            Err(DecodeError::Truncated { .. })
-        ));
+        assert!(matches!(decode(&b), Err(DecodeError::Truncated { .. })));
         let b = B::tag(b'I').u32(1).u8(b'N').i16(i16::MAX).u8(b'n').done();
-        assert!(matches!(
-            decode(&b, PLAIN),
-            Err(DecodeError::Truncated { .. })
-        ));
+        assert!(matches!(decode(&b), Err(DecodeError::Truncated { .. })));
         let b = B::tag(b'M')
             .u8(0)
             .u64(1)
@@ -1517,10 +1034,7 @@ mod tests {
             .i32(i32::MAX)
             .raw(b"abc")
             .done();
-        assert!(matches!(
-            decode(&b, PLAIN),
-            Err(DecodeError::Truncated { .. })
-        ));
+        assert!(matches!(decode(&b), Err(DecodeError::Truncated { .. })));
     }
 
     #[test]
@@ -1528,7 +1042,7 @@ mod tests {
         let mut v = begin_bytes().to_vec();
         v.push(0);
         assert_eq!(
-            decode(&Bytes::from(v), PLAIN),
+            decode(&Bytes::from(v)),
             Err(DecodeError::TrailingBytes {
                 what: "Begin",
                 extra: 1
@@ -1537,17 +1051,8 @@ mod tests {
         let mut v = message_bytes(1).to_vec();
         v.extend_from_slice(b"xx");
         assert!(matches!(
-            decode(&Bytes::from(v), PLAIN),
+            decode(&Bytes::from(v)),
             Err(DecodeError::TrailingBytes { extra: 2, .. })
-        ));
-        assert!(matches!(
-            decode(&B::tag(b'E').u8(0).done(), PLAIN),
-            Err(DecodeError::TrailingBytes { .. })
-        ));
-        let b = B::tag(b'A').u32(5).u32(5).u64(7).i64(8).u8(0).done();
-        assert!(matches!(
-            decode(&b, PLAIN),
-            Err(DecodeError::TrailingBytes { extra: 1, .. })
         ));
     }
 
@@ -1555,7 +1060,7 @@ mod tests {
     fn rejects_unknown_message_flags_and_kinds() {
         for flags in [2u8, 3, 0x80, 0xff] {
             assert_eq!(
-                decode(&message_bytes(flags), PLAIN),
+                decode(&message_bytes(flags)),
                 Err(DecodeError::InvalidValue {
                     what: "Message flags",
                     value: i64::from(flags)
@@ -1564,26 +1069,18 @@ mod tests {
         }
         let b = B::tag(b'I').u32(1).u8(b'N').i16(1).u8(b'x').done();
         assert!(matches!(
-            decode(&b, PLAIN),
+            decode(&b),
             Err(DecodeError::InvalidValue { value, .. }) if value == i64::from(b'x')
         ));
         let b = B::tag(b'I').u32(1).u8(b'K').i16(0).done();
-        assert!(decode(&b, PLAIN).is_err());
+        assert!(decode(&b).is_err());
         let b = B::tag(b'U').u32(1).u8(b'K').i16(0).u8(b'K').i16(0).done();
-        assert!(decode(&b, PLAIN).is_err(), "two old tuples");
-        let b = B::tag(b'S').u32(1).u8(2).done();
-        assert!(matches!(
-            decode(&b, PLAIN),
-            Err(DecodeError::InvalidValue { value: 2, .. })
-        ));
+        assert!(decode(&b).is_err(), "two old tuples");
     }
 
     #[test]
     fn rejects_prefix_without_nul() {
         let b = B::tag(b'M').u8(0).u64(1).raw(b"no-terminator").done();
-        assert!(matches!(
-            decode(&b, PLAIN),
-            Err(DecodeError::InvalidString { .. })
-        ));
+        assert!(matches!(decode(&b), Err(DecodeError::InvalidString { .. })));
     }
 }

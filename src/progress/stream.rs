@@ -40,7 +40,7 @@ use bytes::Bytes;
 
 use super::{ProgressError, Token, Tracker};
 use crate::lsn::Lsn;
-use crate::pgwire::pgoutput::{DecodeContext, PgOutput, PgOutputRef};
+use crate::pgwire::pgoutput::{PgOutput, PgOutputRef};
 use crate::pgwire::replication::ReplicationRef;
 use crate::pgwire::DecodeError;
 
@@ -146,7 +146,7 @@ impl Stream {
             }
             ReplicationRef::XLogData(x) => x,
         };
-        match PgOutputRef::decode(x.data, DecodeContext::default())? {
+        match PgOutputRef::decode(x.data)? {
             PgOutputRef::Begin(b) => {
                 self.tracker.begin()?;
                 self.open = Some(Txn {
@@ -197,7 +197,7 @@ impl Stream {
             }
             // Nothing else matters here, but it must still be well formed.
             PgOutputRef::Other => {
-                PgOutput::decode(run.slice_ref(x.data), DecodeContext::default())?;
+                PgOutput::decode(run.slice_ref(x.data))?;
                 Ok(None)
             }
         }
