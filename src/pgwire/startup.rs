@@ -38,6 +38,10 @@ pub struct StartupParams {
 }
 
 /// Why startup failed.
+///
+/// Definite, except a [`StartupError::Server`] whose SQLSTATE says the
+/// server is starting, shutting down or out of connections:
+/// `source::SourceError::is_transient` reads the SQLSTATE.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     /// The server refused us (bad password, unknown role, no pg_hba entry…).

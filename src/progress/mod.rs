@@ -80,6 +80,13 @@ pub enum ProgressError {
     UnknownToken(Token),
 }
 
+impl ProgressError {
+    /// Always false: see the type's documentation.
+    pub fn is_transient(&self) -> bool {
+        false
+    }
+}
+
 /// The ack token of one unit, carried with each of its facts to Kafka (in
 /// rdkafka's `DeliveryOpaque`) and handed back to [`Tracker::ack`] when the
 /// delivery succeeds.

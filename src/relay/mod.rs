@@ -90,10 +90,8 @@ impl RelayError {
             RelayError::Stream(e) => e.is_transient(),
             RelayError::Sink(e) => e.is_transient(),
             RelayError::Route(e) => e.is_transient(),
-            RelayError::Delivery(_)
-            | RelayError::Progress(_)
-            | RelayError::Thread(_)
-            | RelayError::Internal(_) => false,
+            RelayError::Progress(e) => e.is_transient(),
+            RelayError::Delivery(_) | RelayError::Thread(_) | RelayError::Internal(_) => false,
         }
     }
 }
