@@ -50,10 +50,26 @@ async fn emit_ids(prefix: &str, txns: usize, per: usize, offset: usize) -> Vec<S
 }
 
 fn read_ids(topic: String, want: usize, limit: Duration) -> Vec<String> {
-    consume(&[topic], want, Duration::from_secs(2), limit)
-        .into_iter()
+    ids_of(&consume(&[topic], want, Duration::from_secs(2), limit))
+}
+
+/// The `factlib-id` of each record.
+fn ids_of(records: &[Consumed]) -> Vec<String> {
+    records
+        .iter()
         .map(|c| c.header("factlib-id").expect("factlib-id"))
         .collect()
+}
+
+/// The `factlib-lsn` header (its transaction's commit LSN) of fact `id`'s record.
+fn commit_lsn_of(records: &[Consumed], id: &str) -> Lsn {
+    records
+        .iter()
+        .find(|c| c.header("factlib-id").as_deref() == Some(id))
+        .and_then(|c| c.header("factlib-lsn"))
+        .expect("the fact's record has factlib-lsn")
+        .parse()
+        .unwrap()
 }
 
 /// Checks every id arrived; returns how many arrived more than once.
@@ -172,10 +188,7 @@ async fn kafka_outage_holds_the_slot_and_bounds_memory_then_delivers_everything(
     })
     .await
     .unwrap();
-    let got: Vec<String> = records
-        .iter()
-        .map(|c| c.header("factlib-id").expect("factlib-id"))
-        .collect();
+    let got = ids_of(&records);
     let dups = check_all(&all, &got);
     println!("kafka outage: all {n} facts delivered after the restart, {dups} duplicates");
     // The first transaction written during the outage commits at the LSN in
@@ -183,13 +196,7 @@ async fn kafka_outage_holds_the_slot_and_bounds_memory_then_delivers_everything(
     // must not have passed that commit, or a crash would have skipped it.
     // (A keepalive may move the slot past the open transaction's earlier
     // records: they are decoded again on restart, the commit being ahead.)
-    let first_commit: Lsn = records
-        .iter()
-        .find(|c| c.header("factlib-id").as_deref() == Some(during[0].as_str()))
-        .and_then(|c| c.header("factlib-lsn"))
-        .expect("first outage fact has factlib-lsn")
-        .parse()
-        .unwrap();
+    let first_commit = commit_lsn_of(&records, &during[0]);
     assert!(
         highest <= first_commit,
         "during the outage the slot was confirmed to {highest}, past the commit {first_commit} of the first unacknowledged transaction"
@@ -313,20 +320,10 @@ async fn a_relay_started_while_kafka_is_away_waits_quietly_then_delivers() {
     })
     .await
     .unwrap();
-    let got: Vec<String> = records
-        .iter()
-        .map(|c| c.header("factlib-id").expect("factlib-id"))
-        .collect();
-    check_all(&ids, &got);
+    check_all(&ids, &ids_of(&records));
     // Nothing was acknowledged, so the slot stayed before the first
     // transaction's commit (a keepalive may pass its earlier records).
-    let first_commit: Lsn = records
-        .iter()
-        .find(|c| c.header("factlib-id").as_deref() == Some(ids[0].as_str()))
-        .and_then(|c| c.header("factlib-lsn"))
-        .expect("factlib-lsn")
-        .parse()
-        .unwrap();
+    let first_commit = commit_lsn_of(&records, &ids[0]);
     assert!(
         confirmed < first_commit,
         "confirmed {confirmed} while Kafka was away, past the commit {first_commit}"
