@@ -509,6 +509,13 @@ async fn bench_emit_and_verify_prove_end_to_end_delivery() {
         run(c, Duration::from_secs(90))
     };
     let ok = verify(manifest.clone(), "30").await;
+    if ok.code != 0 {
+        // Show what the relay said before failing: a fact that did not
+        // arrive is either stuck or lost, and its log tells which.
+        let out = stop_ok(child).await;
+        eprintln!("relay log:\n{}", String::from_utf8_lossy(&out.stderr));
+        panic!("verify failed:\n{}\n{}", ok.stdout, ok.stderr);
+    }
     assert_eq!(ok.code, 0, "{}\n{}", ok.stdout, ok.stderr);
     assert!(
         ok.stdout

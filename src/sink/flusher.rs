@@ -14,6 +14,11 @@
 //!   [`Delivery::Failed`], never dropped.
 //! - A flusher exits only when the rings are closed *and* its rings are
 //!   empty.
+//! - Once the rings are closed (the relay is exiting, having confirmed
+//!   what was acknowledged), a record the producer's full queue keeps
+//!   refusing for [`GIVE_UP_AFTER_CLOSE`] is given up, so a stop while
+//!   Kafka is away ends the process. It was never acknowledged, so its unit
+//!   was not confirmed: it comes again on the next start.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,6 +34,10 @@ use crate::route::Rings;
 
 /// Records taken from a ring at a time.
 const BATCH: usize = 512;
+
+/// After the rings close, how long a record may wait for room in the
+/// producer's queue before the flusher gives it up.
+pub const GIVE_UP_AFTER_CLOSE: Duration = Duration::from_secs(5);
 
 /// Starts flusher `k` as an OS thread.
 pub fn spawn<P: Producer>(
@@ -46,6 +55,8 @@ pub fn spawn<P: Producer>(
                 failures,
                 wake,
                 open: false,
+                closed_full_since: None,
+                given_up: 0,
             }
             .run(k, &rings)
         })
@@ -57,6 +68,10 @@ struct Flusher<P> {
     wake: Arc<tokio::sync::Notify>,
     /// A batch is open: `begin` was called and `commit` not yet.
     open: bool,
+    /// Since when the queue has been full with the rings closed.
+    closed_full_since: Option<std::time::Instant>,
+    /// Records given up after the rings closed.
+    given_up: u64,
 }
 
 impl<P: Producer> Flusher<P> {
@@ -68,11 +83,17 @@ impl<P: Producer> Flusher<P> {
             for &ring in &mine {
                 took += rings.pop_into(ring, &mut batch, BATCH);
                 for rec in batch.drain(..) {
-                    self.record(rec);
+                    self.record(rec, rings);
                 }
             }
             if took == 0 {
                 if rings.is_closed() && mine.iter().all(|&r| rings.is_empty(r)) {
+                    if self.given_up > 0 {
+                        tracing::warn!(
+                            records = self.given_up,
+                            "stopping with records Kafka never took; they were not confirmed and will be sent again on restart"
+                        );
+                    }
                     return;
                 }
                 rings.wait_for_work(k, Duration::from_millis(100));
@@ -81,7 +102,7 @@ impl<P: Producer> Flusher<P> {
     }
 
     /// Sends one record inside a batch that ends at a transaction boundary.
-    fn record(&mut self, rec: Record) {
+    fn record(&mut self, rec: Record, rings: &Rings<Record>) {
         if !self.open {
             if let Err(e) = self.producer.begin() {
                 self.fail(Delivery::Broken(e));
@@ -90,7 +111,7 @@ impl<P: Producer> Flusher<P> {
             self.open = true;
         }
         let end = rec.txn_end;
-        self.send(rec);
+        self.send(rec, rings);
         if let Some(lsn) = end {
             self.open = false;
             if let Err(e) = self.producer.commit(lsn) {
@@ -99,14 +120,27 @@ impl<P: Producer> Flusher<P> {
         }
     }
 
-    /// Sends one record, waiting while the producer's queue is full.
-    fn send(&mut self, mut rec: Record) {
+    /// Sends one record, waiting while the producer's queue is full (after
+    /// the rings close, for [`GIVE_UP_AFTER_CLOSE`] at most).
+    fn send(&mut self, mut rec: Record, rings: &Rings<Record>) {
         let mut wait = Duration::from_micros(100);
         loop {
             match self.producer.send(rec) {
-                Ok(SendOutcome::Queued) => return,
+                Ok(SendOutcome::Queued) => {
+                    self.closed_full_since = None;
+                    return;
+                }
                 Ok(SendOutcome::Full(back)) => {
                     rec = back;
+                    if rings.is_closed() {
+                        let since = *self
+                            .closed_full_since
+                            .get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= GIVE_UP_AFTER_CLOSE {
+                            self.given_up += 1;
+                            return;
+                        }
+                    }
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_millis(50));
                 }
@@ -229,5 +263,51 @@ mod tests {
             0,
             "the flusher drains its rings before exiting"
         );
+    }
+
+    /// Kafka away: the producer's queue is full for good.
+    #[derive(Clone)]
+    struct AlwaysFull;
+
+    impl Producer for AlwaysFull {
+        fn begin(&mut self) -> Result<(), SinkError> {
+            Ok(())
+        }
+        fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
+            Ok(SendOutcome::Full(rec))
+        }
+        fn commit(&mut self, _through: Lsn) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    /// The hang: a stop while Kafka was away left the flusher retrying a
+    /// full queue for ever, so the process never exited.
+    #[test]
+    fn a_full_queue_after_close_is_given_up_and_the_flusher_exits() {
+        let rings = Rings::new(1, 16, 1).unwrap();
+        for i in 0..3 {
+            rings.try_push(0, rec(i, Some(10))).unwrap();
+        }
+        rings.close();
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let flusher = spawn(
+            0,
+            Arc::clone(&rings),
+            AlwaysFull,
+            tx,
+            Arc::new(tokio::sync::Notify::new()),
+        )
+        .unwrap();
+        let (done, exited) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(flusher.join().is_ok()));
+        // Far beyond GIVE_UP_AFTER_CLOSE: not a speed bound, a hang detector.
+        assert_eq!(
+            exited.recv_timeout(Duration::from_secs(60)),
+            Ok(true),
+            "the flusher exits"
+        );
+        assert_eq!(rings.total_len(), 0);
+        assert!(rx.try_recv().is_err(), "given up, not reported as failed");
     }
 }
