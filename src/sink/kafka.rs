@@ -188,6 +188,42 @@ pub struct KafkaProducer {
     config: ClientConfig,
 }
 
+/// What the cluster's metadata says of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicState {
+    /// It does not exist.
+    Missing,
+    /// It exists, but a partition has no leader yet (or none at all is
+    /// listed): just created, or its broker is away.
+    NotReady,
+    /// It exists with this many partitions, each with a leader.
+    Ready(u32),
+}
+
+impl TopicState {
+    /// The state of a topic whose partitions have these leaders and errors.
+    ///
+    /// A topic is ready only once every partition has a leader. Producing
+    /// to a partition the broker has not applied yet fails with a
+    /// retriable NOT_LEADER_OR_FOLLOWER; with several requests in flight a
+    /// later batch can then be appended first, and on brokers without the
+    /// fix for KAFKA-15591 the earlier batch is lost although the
+    /// idempotent producer reports it delivered.
+    pub fn of_partitions(
+        partitions: impl ExactSizeIterator<Item = (i32, Option<RDKafkaRespErr>)>,
+    ) -> Self {
+        let n = partitions.len();
+        let mut all_led = true;
+        for (leader, error) in partitions {
+            all_led &= leader >= 0 && error.is_none();
+        }
+        match u32::try_from(n) {
+            Ok(n) if n > 0 && all_led => TopicState::Ready(n),
+            _ => TopicState::NotReady,
+        }
+    }
+}
+
 /// What `send` did with a record.
 pub enum SendOutcome {
     /// Queued in librdkafka; a delivery report will follow.
@@ -275,8 +311,9 @@ impl KafkaProducer {
         self.producer.flush(timeout).map_err(SinkError::Flush)
     }
 
-    /// The partition count of `topic`. Blocks up to `timeout`.
-    pub fn partitions(&self, topic: &str, timeout: Duration) -> Result<Option<u32>, SinkError> {
+    /// Whether `topic` exists and every one of its partitions has a
+    /// leader. Blocks up to `timeout`.
+    pub fn topic_state(&self, topic: &str, timeout: Duration) -> Result<TopicState, SinkError> {
         let md = self
             .producer
             .client()
@@ -286,11 +323,18 @@ impl KafkaProducer {
                 source,
             })?;
         let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-            return Ok(None);
+            return Ok(TopicState::Missing);
         };
         match t.error() {
-            None => Ok(u32::try_from(t.partitions().len()).ok().filter(|n| *n > 0)),
-            Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => Ok(None),
+            None => Ok(TopicState::of_partitions(
+                t.partitions().iter().map(|p| (p.leader(), p.error())),
+            )),
+            Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
+                Ok(TopicState::Missing)
+            }
+            Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE) => {
+                Ok(TopicState::NotReady)
+            }
             Some(e) => Err(SinkError::Metadata {
                 topic: topic.to_owned(),
                 source: KafkaError::MetadataFetch(e.into()),
@@ -342,5 +386,60 @@ impl super::Producer for KafkaProducer {
 
     fn commit(&mut self, _through: crate::lsn::Lsn) -> Result<(), SinkError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    #[test]
+    fn a_topic_is_ready_only_when_every_partition_has_a_leader() {
+        use RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE as NO_LEADER;
+        let ready =
+            |ps: &[(i32, Option<RDKafkaRespErr>)]| TopicState::of_partitions(ps.iter().copied());
+        assert_eq!(
+            ready(&[(1, None), (1, None), (2, None)]),
+            TopicState::Ready(3)
+        );
+        assert_eq!(
+            ready(&[(1, None), (-1, None), (2, None)]),
+            TopicState::NotReady
+        );
+        assert_eq!(
+            ready(&[(1, None), (1, Some(NO_LEADER))]),
+            TopicState::NotReady
+        );
+        assert_eq!(ready(&[]), TopicState::NotReady);
+    }
+
+    /// The loss this guards against: the first batch to a just-created
+    /// partition failed NOT_LEADER_OR_FOLLOWER, a later batch was appended
+    /// first, and the first was reported delivered but never written.
+    #[test]
+    fn topic_state_waits_for_leaders_against_a_mock_cluster() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 3, 1).unwrap();
+        let (tx, _rx) = crossbeam::channel::unbounded();
+        let producer = KafkaProducer::new(
+            &SinkSettings {
+                brokers: mock.bootstrap_servers(),
+                ..SinkSettings::default()
+            },
+            tx,
+            Arc::new(tokio::sync::Notify::new()),
+        )
+        .unwrap();
+        let state = |topic: &str| {
+            producer
+                .topic_state(topic, Duration::from_secs(10))
+                .unwrap()
+        };
+        assert_eq!(state("t"), TopicState::Ready(3));
+        mock.partition_leader("t", 1, None).unwrap();
+        assert_eq!(state("t"), TopicState::NotReady);
+        mock.partition_leader("t", 1, Some(1)).unwrap();
+        assert_eq!(state("t"), TopicState::Ready(3));
     }
 }

@@ -23,7 +23,7 @@ pub mod kafka;
 pub mod record;
 pub mod topics;
 
-pub use kafka::{Compression, Delivery, KafkaProducer, SendOutcome, SinkSettings};
+pub use kafka::{Compression, Delivery, KafkaProducer, SendOutcome, SinkSettings, TopicState};
 pub use record::{HeaderSet, Record, RecordShape, ValueMode};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -67,6 +67,11 @@ pub enum SinkError {
         #[source]
         source: KafkaError,
     },
+    /// A partition of the topic still has no leader after waiting.
+    #[error(
+        "Kafka topic {0:?} has a partition without a leader; waiting for the cluster to elect one"
+    )]
+    NotReady(String),
     /// The topic does not exist and `--create-topics` is off.
     #[error("Kafka topic {0:?} does not exist; create it, or run the relay with --create-topics (and --partitions / --replication-factor)")]
     TopicMissing(String),
@@ -109,7 +114,7 @@ impl SinkError {
             SinkError::CreateTopic { source, .. } => source
                 .rdkafka_error_code()
                 .is_some_and(|c| UNREACHABLE.contains(&c)),
-            SinkError::Flush(_) => true,
+            SinkError::Flush(_) | SinkError::NotReady(_) => true,
             SinkError::Config(_)
             | SinkError::TopicMissing(_)
             | SinkError::Produce { .. }

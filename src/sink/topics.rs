@@ -8,9 +8,13 @@
 //!   the runtime waits for that at exit, so a stop during a Kafka outage
 //!   would wait out the timeout.)
 //! - A missing topic is an error unless topic creation is on.
+//! - A topic is handed to routing only once every partition has a leader
+//!   ([`TopicState::Ready`]): producing to a partition the broker has not
+//!   applied yet can lose a batch (see [`TopicState::of_partitions`]).
 
 use std::time::Duration;
 
+use super::kafka::TopicState;
 use super::{KafkaProducer, SinkError};
 
 /// Settings of topics created by the relay (`--create-topics`).
@@ -42,41 +46,44 @@ impl Topics {
         }
     }
 
-    /// The partition count of `topic`, creating it first if it is missing
-    /// and creation is on.
+    /// The partition count of `topic`, once every partition has a leader;
+    /// the topic is created first if it is missing and creation is on.
     pub async fn partitions(&self, topic: &str) -> Result<u32, SinkError> {
-        if let Some(n) = self.fetch(topic).await? {
-            return Ok(n);
+        match self.fetch(topic).await? {
+            TopicState::Ready(n) => return Ok(n),
+            TopicState::NotReady => {}
+            TopicState::Missing => {
+                let Some(c) = self.create else {
+                    return Err(SinkError::TopicMissing(topic.to_owned()));
+                };
+                self.producer.create_topic(topic, c).await?;
+                tracing::info!(
+                    topic,
+                    partitions = c.partitions,
+                    replication = c.replication,
+                    "created topic"
+                );
+            }
         }
-        let Some(c) = self.create else {
-            return Err(SinkError::TopicMissing(topic.to_owned()));
-        };
-        self.producer.create_topic(topic, c).await?;
-        tracing::info!(
-            topic,
-            partitions = c.partitions,
-            replication = c.replication,
-            "created topic"
-        );
-        // Metadata may lag creation for a moment.
+        // Metadata lags creation, and leaders are elected after it.
         for _ in 0..50 {
-            if let Some(n) = self.fetch(topic).await? {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let TopicState::Ready(n) = self.fetch(topic).await? {
                 return Ok(n);
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(SinkError::TopicMissing(topic.to_owned()))
+        Err(SinkError::NotReady(topic.to_owned()))
     }
 
     /// One metadata request, on a thread of its own.
-    async fn fetch(&self, topic: &str) -> Result<Option<u32>, SinkError> {
+    async fn fetch(&self, topic: &str) -> Result<TopicState, SinkError> {
         let producer = self.producer.clone();
         let (name, timeout) = (topic.to_owned(), self.timeout);
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("factlib-metadata".into())
             .spawn(move || {
-                let _ = tx.send(producer.partitions(&name, timeout));
+                let _ = tx.send(producer.topic_state(&name, timeout));
             })
             .map_err(|e| SinkError::Blocking(e.to_string()))?;
         rx.await
