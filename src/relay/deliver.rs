@@ -4,7 +4,7 @@
 //! ```text
 //!  progress::Fact ──fact::decode_view──► check_required ──Router::route──► fact_record ──► rings[ring]
 //!        │ (does not decode, lacks a field, no legal topic) ──► dead_letter ──► rings[DLQ's ring]
-//!        └ topic not known yet ──Topics::partitions (blocking pool)──► Router::learn
+//!        └ topic not known yet ──Topics::partitions (own thread)──► Router::learn
 //! ```
 //!
 //! **Invariants**

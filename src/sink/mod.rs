@@ -98,7 +98,7 @@ pub enum SinkError {
     Flush(#[source] KafkaError),
     /// A metadata request's thread did not run or answer.
     #[error("a Kafka metadata request failed to run: {0}")]
-    Blocking(String),
+    LookupThread(String),
 }
 
 impl SinkError {
@@ -118,7 +118,7 @@ impl SinkError {
             SinkError::Config(_)
             | SinkError::TopicMissing(_)
             | SinkError::Produce { .. }
-            | SinkError::Blocking(_) => false,
+            | SinkError::LookupThread(_) => false,
         }
     }
 }

@@ -29,7 +29,6 @@ pub struct CreateTopics {
 }
 
 /// Looks topics up, creating them when allowed.
-#[derive(Clone)]
 pub struct Topics {
     producer: KafkaProducer,
     create: Option<CreateTopics>,
@@ -85,8 +84,9 @@ impl Topics {
             .spawn(move || {
                 let _ = tx.send(producer.topic_state(&name, timeout));
             })
-            .map_err(|e| SinkError::Blocking(e.to_string()))?;
-        rx.await
-            .map_err(|_| SinkError::Blocking("the lookup thread ended without an answer".into()))?
+            .map_err(|e| SinkError::LookupThread(e.to_string()))?;
+        rx.await.map_err(|_| {
+            SinkError::LookupThread("the lookup thread ended without an answer".into())
+        })?
     }
 }
