@@ -17,7 +17,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::fact::DEFAULT_PREFIX;
-use crate::relay::RelaySettings;
+use crate::relay::{DeliveryMode, ExactlyOnce, RelaySettings};
 use crate::route::{RingSettings, RouteError, TopicTemplate};
 use crate::sink::record::{HeaderSet, RecordShape, ValueMode};
 use crate::sink::topics::CreateTopics;
@@ -83,8 +83,9 @@ pub enum Command {
     Emit(EmitArgs),
     /// Stream facts from the slot and print one JSON object per line.
     Tail(TailArgs),
-    /// Show the slot's position, lag and retained WAL; exits 1 if it is missing.
-    Status,
+    /// Show the slot's position, lag and retained WAL, and the exactly-once
+    /// checkpoint; exits 1 if the slot is missing.
+    Status(StatusArgs),
     /// Relay facts from the slot to Kafka; the slot advances only past facts
     /// Kafka has acknowledged.
     Relay(RelayArgs),
@@ -116,6 +117,15 @@ pub struct BenchEmitArgs {
     /// Facts per transaction.
     #[arg(long, env = "FACTLIB_BENCH_TXN_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub txn_size: u64,
+    /// Vary transaction sizes between --txn-size and this (a fixed
+    /// pseudo-random sequence).
+    #[arg(long, env = "FACTLIB_BENCH_TXN_SIZE_MAX", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub txn_size_max: Option<u64>,
+    /// The relay's delivery mode, recorded in the manifest: `bench verify`
+    /// then reads with isolation.level=read_committed and counts any
+    /// duplicate as a failure when it is `exactly-once`.
+    #[arg(long, env = "FACTLIB_DELIVERY", value_enum, default_value_t = DeliveryArg::AtLeastOnce)]
+    pub delivery: DeliveryArg,
     /// Roll back every Nth transaction (0: never).
     #[arg(long, env = "FACTLIB_BENCH_ROLLBACK_EVERY", default_value_t = 10)]
     pub rollback_every: u64,
@@ -161,6 +171,39 @@ pub struct BenchVerifyArgs {
     /// Give up reading after this many seconds.
     #[arg(long, env = "FACTLIB_BENCH_VERIFY_TIMEOUT_SECS", default_value_t = 120)]
     pub timeout_secs: u64,
+    /// The consumer's isolation.level. Default: read-committed when the
+    /// manifest was written for an exactly-once relay, read-uncommitted
+    /// otherwise.
+    #[arg(long, env = "FACTLIB_BENCH_ISOLATION", value_enum)]
+    pub isolation: Option<IsolationArg>,
+}
+
+/// `bench verify --isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IsolationArg {
+    /// Only records of committed Kafka transactions.
+    ReadCommitted,
+    /// Every record, aborted transactions included.
+    ReadUncommitted,
+}
+
+impl IsolationArg {
+    /// The librdkafka `isolation.level` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IsolationArg::ReadCommitted => "read_committed",
+            IsolationArg::ReadUncommitted => "read_uncommitted",
+        }
+    }
+}
+
+/// `factlib status`
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Kafka bootstrap servers, to read the exactly-once checkpoint from
+    /// {prefix}.checkpoints.
+    #[arg(long, env = "FACTLIB_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
 }
 
 /// `factlib setup`
@@ -328,9 +371,55 @@ pub struct RelayArgs {
     #[arg(long, env = "FACTLIB_STOP_AT_LSN")]
     pub stop_at_lsn: Option<crate::lsn::Lsn>,
 
+    /// `at-least-once`: every fact reaches Kafka, a few may twice after a
+    /// crash. `exactly-once`: Kafka transactions of whole PostgreSQL
+    /// transactions, each with a checkpoint, so a consumer with
+    /// isolation.level=read_committed sees every fact once; uses one ring
+    /// of --rings × --ring-capacity records and one flusher.
+    #[arg(long, env = "FACTLIB_DELIVERY", value_enum, default_value_t = DeliveryArg::AtLeastOnce)]
+    pub delivery: DeliveryArg,
+
+    /// Exactly-once: the producer's transactional.id; {slot} is replaced by
+    /// the slot name. Starting a relay fences any older one with the same
+    /// id. Keep one id per slot.
+    #[arg(
+        long,
+        env = "FACTLIB_TRANSACTIONAL_ID",
+        default_value = "factlib-{slot}"
+    )]
+    pub transactional_id: String,
+
+    /// Exactly-once: commit a Kafka transaction once it is this many
+    /// milliseconds old, at the next PostgreSQL transaction end.
+    #[arg(long, env = "FACTLIB_TXN_MAX_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub txn_max_ms: u64,
+
+    /// Exactly-once: commit a Kafka transaction once it holds this many
+    /// facts, at the next PostgreSQL transaction end (a larger PostgreSQL
+    /// transaction still goes in one Kafka transaction).
+    #[arg(long, env = "FACTLIB_TXN_MAX_FACTS", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub txn_max_facts: u64,
+
+    /// Exactly-once: ignore the checkpoint stored in {prefix}.checkpoints
+    /// for this source and start from the slot; the next commit replaces
+    /// it. Only for a restored or different database under the same system
+    /// identifier, database and slot: facts the old checkpoint covered
+    /// would be dropped otherwise.
+    #[arg(long, env = "FACTLIB_RESET_CHECKPOINT")]
+    pub reset_checkpoint: bool,
+
     /// Replication connection settings.
     #[command(flatten)]
     pub source: SourceArgs,
+}
+
+/// `--delivery`: [`DeliveryMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeliveryArg {
+    /// Every fact at least once (the default).
+    AtLeastOnce,
+    /// Every fact exactly once, for read_committed consumers.
+    ExactlyOnce,
 }
 
 /// `--compression`: [`Compression`].
@@ -471,6 +560,7 @@ impl RelayArgs {
             prefix: common.prefix.clone(),
             template,
             source: self.source.settings(),
+            delivery: self.delivery(common)?,
             sink: SinkSettings {
                 brokers: self.brokers.clone(),
                 compression: self.compression.into(),
@@ -506,6 +596,23 @@ impl RelayArgs {
     }
 }
 
+impl RelayArgs {
+    fn delivery(&self, common: &CommonArgs) -> Result<DeliveryMode, ConfigError> {
+        match self.delivery {
+            DeliveryArg::AtLeastOnce if self.reset_checkpoint => {
+                Err(ConfigError::ExactlyOnceOnly("--reset-checkpoint"))
+            }
+            DeliveryArg::AtLeastOnce => Ok(DeliveryMode::AtLeastOnce),
+            DeliveryArg::ExactlyOnce => Ok(DeliveryMode::ExactlyOnce(ExactlyOnce {
+                transactional_id: self.transactional_id.replace("{slot}", &common.slot),
+                txn_max: Duration::from_millis(self.txn_max_ms),
+                txn_max_facts: to_usize(self.txn_max_facts),
+                reset_checkpoint: self.reset_checkpoint,
+            })),
+        }
+    }
+}
+
 /// Every count flag is range-checked by clap far below `usize::MAX`.
 fn to_usize(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
@@ -537,6 +644,9 @@ pub enum ConfigError {
         /// The name given.
         name: String,
     },
+    /// A flag that means something only in exactly-once mode.
+    #[error("{0} applies only with --delivery exactly-once")]
+    ExactlyOnceOnly(&'static str),
 }
 
 /// Checks a slot or publication name (PostgreSQL's rule for slot names, also

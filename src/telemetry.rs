@@ -34,6 +34,8 @@ pub struct Metrics {
     pub confirms_total: AtomicU64,
     /// Client-wide errors and warnings librdkafka reported.
     pub kafka_errors_total: AtomicU64,
+    /// Kafka transactions committed (exactly-once).
+    pub transactions_total: AtomicU64,
 }
 
 /// The counters.
@@ -46,6 +48,7 @@ pub static METRICS: Metrics = Metrics {
     disconnects_total: AtomicU64::new(0),
     confirms_total: AtomicU64::new(0),
     kafka_errors_total: AtomicU64::new(0),
+    transactions_total: AtomicU64::new(0),
 };
 
 fn inc(c: &AtomicU64, n: u64) {
@@ -182,6 +185,14 @@ pub fn acked(facts: u64, bytes: u64) {
     inc(&METRICS.bytes_acked_total, bytes);
 }
 
+/// A Kafka transaction of `facts` records committed, with its checkpoint
+/// at `through` (exactly-once).
+pub fn committed(facts: u64, bytes: u64, through: Lsn) {
+    acked(facts, bytes);
+    inc(&METRICS.transactions_total, 1);
+    tracing::debug!(facts, checkpoint = %through, "Kafka transaction committed");
+}
+
 /// The confirmed position moved.
 pub fn confirmed() {
     inc(&METRICS.confirms_total, 1);
@@ -202,9 +213,16 @@ fn now_ms() -> i64 {
 /// Records the latency of a record created at `created_ms` (Unix ms) and
 /// acknowledged now. Millisecond resolution: Kafka timestamps are in ms.
 pub fn latency_since_ms(created_ms: i64) {
-    let us = u64::try_from(now_ms().saturating_sub(created_ms))
-        .unwrap_or(0)
-        .saturating_mul(1000);
+    latencies_since_ms(&[created_ms]);
+}
+
+/// Records the latencies of records created at `created_ms` (Unix ms) and
+/// acknowledged now (exactly-once: committed now), under one lock.
+pub fn latencies_since_ms(created_ms: &[i64]) {
+    if created_ms.is_empty() {
+        return;
+    }
+    let now = now_ms();
     let mut g = LATENCY
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -218,8 +236,14 @@ pub fn latency_since_ms(created_ms: i64) {
     let Some((interval, total)) = g.as_mut() else {
         return;
     };
-    let _ = interval.record(us.max(1));
-    let _ = total.record(us.max(1));
+    for &created in created_ms {
+        let us = u64::try_from(now.saturating_sub(created))
+            .unwrap_or(0)
+            .saturating_mul(1000)
+            .max(1);
+        let _ = interval.record(us);
+        let _ = total.record(us);
+    }
 }
 
 /// A latency summary: count, p50, p99, p999, max in ms.

@@ -230,35 +230,8 @@ async fn postgres_restart_mid_stream_reconnects_and_loses_nothing() {
     let child = spawn(relay(&slot, &publication, &prefix));
     tokio::time::sleep(Duration::from_millis(700)).await;
 
-    // Restart the server under the relay (as the cluster owner).
-    let data = env_root().join("pg/data");
-    let pg_bin =
-        std::env::var("FACTLIB_ENV_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    let as_root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .unwrap()
-        .stdout
-        .starts_with(b"0\n");
-    let mut restart = if as_root {
-        let mut c = tokio::process::Command::new("runuser");
-        c.args(["-u", "postgres", "--"])
-            .arg(format!("{pg_bin}/pg_ctl"));
-        c
-    } else {
-        tokio::process::Command::new(format!("{pg_bin}/pg_ctl"))
-    };
-    restart
-        .args(["restart", "-m", "fast", "-w", "-D"])
-        .arg(&data)
-        .arg("-l")
-        .arg(env_root().join("pg/log"));
-    let st = restart.output().await.unwrap();
-    assert!(
-        st.status.success(),
-        "pg_ctl restart: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    // Restart the server under the relay.
+    restart_postgres("fast").await;
 
     let second = emit_ids(&prefix, 50, 10, 3_000).await;
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
@@ -405,6 +378,166 @@ async fn sigterm_during_a_kafka_outage_exits_and_a_restart_delivers_everything()
     assert!(
         confirmed < first_commit,
         "stopped in the outage with the slot at {confirmed}, past the commit {first_commit} of an unacknowledged fact"
+    );
+    stop_ok(child).await;
+    teardown(&slot, &publication).await;
+}
+
+/// Restarts the test PostgreSQL (as the cluster owner) with `pg_ctl
+/// restart -m mode`.
+async fn restart_postgres(mode: &str) {
+    let data = env_root().join("pg/data");
+    let pg_bin =
+        std::env::var("FACTLIB_ENV_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let as_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        .starts_with(b"0\n");
+    let mut restart = if as_root {
+        let mut c = tokio::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"])
+            .arg(format!("{pg_bin}/pg_ctl"));
+        c
+    } else {
+        tokio::process::Command::new(format!("{pg_bin}/pg_ctl"))
+    };
+    restart
+        .args(["restart", "-m", mode, "-w", "-D"])
+        .arg(&data)
+        .arg("-l")
+        .arg(env_root().join("pg/log"));
+    let st = restart.output().await.unwrap();
+    assert!(
+        st.status.success(),
+        "pg_ctl restart: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+/// `factlib relay --delivery exactly-once` with the test settings.
+fn eo_relay(slot: &str, publication: &str, prefix: &str) -> tokio::process::Command {
+    let mut c = relay(slot, publication, prefix);
+    c.args(["--delivery", "exactly-once"]);
+    c
+}
+
+/// Asserts every id arrived exactly once.
+fn check_exactly_once(ids: &[String], got: &[String]) {
+    let dups = check_all(ids, got);
+    assert_eq!(dups, 0, "{dups} duplicates among {} facts", ids.len());
+    assert_eq!(got.len(), ids.len(), "nothing unexpected arrived");
+}
+
+/// Issue 10, test 3: exactly-once through a Kafka broker stop and restart
+/// in mid-run: memory stays bounded while it is away, and afterwards a
+/// read_committed reader sees every fact exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_through_a_kafka_restart_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (slot, publication) = (unique("eokafka"), unique("pub"));
+    let prefix = format!("p{slot}");
+    let topic = format!("{prefix}.order");
+    setup(&slot, &publication).await;
+    let mut cmd = eo_relay(&slot, &publication, &prefix);
+    cmd.args([
+        "--rings",
+        "2",
+        "--ring-capacity",
+        "16",
+        "--queue-messages",
+        "200",
+    ]);
+    let mut child = spawn(cmd);
+    let pid = child.id().unwrap();
+    let before = emit_ids(&prefix, 10, 10, 0).await;
+    let t = topic.clone();
+    let got = tokio::task::spawn_blocking(move || read_ids(t, 100, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    check_exactly_once(&before, &got);
+
+    stop_kafka().await;
+    let during = emit_ids(&prefix, 200, 10, 100).await;
+    let mut peak_rss = 0;
+    for _ in 0..25 {
+        peak_rss = peak_rss.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the relay keeps running while Kafka is away"
+    );
+    start_env().await;
+    let after = emit_ids(&prefix, 10, 10, 5_000).await;
+    let all: Vec<String> = before
+        .iter()
+        .chain(&during)
+        .chain(&after)
+        .cloned()
+        .collect();
+    let n = all.len();
+    let t = topic.clone();
+    let got = tokio::task::spawn_blocking(move || read_ids(t, n, Duration::from_secs(180)))
+        .await
+        .unwrap();
+    check_exactly_once(&all, &got);
+    println!(
+        "exactly-once through a Kafka restart: {n} facts, 0 lost, 0 duplicates; relay peak RSS {} MiB while Kafka was away",
+        peak_rss / 1024
+    );
+    assert!(
+        peak_rss < 256 * 1024,
+        "memory stays bounded while Kafka is away: {peak_rss} KiB"
+    );
+    stop_ok(child).await;
+    teardown(&slot, &publication).await;
+}
+
+/// Issue 10, test 4: exactly-once through a PostgreSQL crash (`pg_ctl
+/// restart -m immediate`: PostgreSQL 15 then forgets the slot's confirmed
+/// position since its last checkpoint) and a relay killed afterwards, so
+/// the next relay streams from the older slot position and the checkpoint
+/// must absorb it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_through_a_postgres_crash_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().await;
+    let (slot, publication) = (unique("eopg"), unique("pub"));
+    let prefix = format!("p{slot}");
+    let topic = format!("{prefix}.order");
+    setup(&slot, &publication).await;
+    let first = emit_ids(&prefix, 300, 10, 0).await;
+    let child = spawn(eo_relay(&slot, &publication, &prefix));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    restart_postgres("immediate").await;
+    let second = emit_ids(&prefix, 50, 10, 3_000).await;
+    let mut all: Vec<String> = first.iter().chain(&second).cloned().collect();
+    let (t, n) = (topic.clone(), all.len());
+    let got = tokio::task::spawn_blocking(move || read_ids(t, n, Duration::from_secs(120)))
+        .await
+        .unwrap();
+    check_exactly_once(&all, &got);
+    // Crash PostgreSQL again, then kill the relay: the next one starts from
+    // whatever the slot remembers.
+    restart_postgres("immediate").await;
+    signal(&child, "KILL").await;
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("retrying"),
+        "the relay reconnected:\n{stderr}"
+    );
+    let child = spawn(eo_relay(&slot, &publication, &prefix));
+    all.extend(emit_ids(&prefix, 20, 10, 6_000).await);
+    let (t, n) = (topic.clone(), all.len());
+    let got = tokio::task::spawn_blocking(move || read_ids(t, n, Duration::from_secs(120)))
+        .await
+        .unwrap();
+    check_exactly_once(&all, &got);
+    println!(
+        "exactly-once through PostgreSQL crashes: {} facts, 0 lost, 0 duplicates",
+        all.len()
     );
     stop_ok(child).await;
     teardown(&slot, &publication).await;

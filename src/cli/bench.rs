@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{connect_sql, CliError};
-use crate::config::{BenchCommand, BenchEmitArgs, BenchVerifyArgs, CommonArgs};
+use crate::config::{
+    BenchCommand, BenchEmitArgs, BenchVerifyArgs, CommonArgs, DeliveryArg, IsolationArg,
+};
 use crate::emit::{self, NewFact};
 use crate::fact;
 use crate::route::TopicTemplate;
@@ -53,6 +55,9 @@ pub async fn run(common: &CommonArgs, cmd: &BenchCommand) -> Result<ExitCode, Cl
     }
 }
 
+/// The manifest's first line when it was written for an exactly-once relay.
+const EXACTLY_ONCE_HEADER: &str = "# factlib manifest: delivery=exactly-once";
+
 struct Line {
     topic: String,
     id: String,
@@ -70,13 +75,23 @@ async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, C
         ));
     }
     let mut manifest = match &a.manifest {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(io(format!("creating {}", p.display())))?,
-        )),
+        Some(p) => {
+            let mut m = std::io::BufWriter::new(
+                std::fs::File::create(p).map_err(io(format!("creating {}", p.display())))?,
+            );
+            if a.delivery == DeliveryArg::ExactlyOnce {
+                writeln!(m, "{EXACTLY_ONCE_HEADER}").map_err(io("writing the manifest"))?;
+            }
+            Some(m)
+        }
         None => None,
     };
     let payload_pad = "x".repeat(usize::try_from(a.payload_bytes).unwrap_or(0));
     let txn_size = usize::try_from(a.txn_size).unwrap_or(1).max(1);
+    let txn_size_max = a
+        .txn_size_max
+        .map_or(txn_size, |m| usize::try_from(m).unwrap_or(1))
+        .max(txn_size);
     let connections = usize::try_from(a.connections).unwrap_or(1).max(1);
     let mut clients = Vec::new();
     for _ in 0..connections {
@@ -93,7 +108,8 @@ async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, C
     }
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.duration_secs);
-    let per_txn = Duration::from_secs_f64(a.txn_size as f64 / a.rate.max(1) as f64);
+    let mean_size = (txn_size + txn_size_max) as f64 / 2.0;
+    let per_txn = Duration::from_secs_f64(mean_size / a.rate.max(1) as f64);
     let (mut committed, mut rolled_back, mut txns, mut checksum, mut n) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut next_progress = start + Duration::from_secs(1);
@@ -104,8 +120,11 @@ async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, C
         for c in clients.iter_mut() {
             let rollback = a.rollback_every > 0 && (txns + 1) % a.rollback_every == 0;
             txns += 1;
-            let mut facts = Vec::with_capacity(txn_size);
-            for _ in 0..txn_size {
+            // A fixed pseudo-random walk over [txn_size, txn_size_max].
+            let spread = u64::try_from(txn_size_max - txn_size + 1).unwrap_or(1);
+            let size = txn_size + usize::try_from(txns.wrapping_mul(7919) % spread).unwrap_or(0);
+            let mut facts = Vec::with_capacity(size);
+            for _ in 0..size {
                 n += 1;
                 let ty = &types[usize::try_from(n).unwrap_or(0) % types.len()];
                 let key = format!("{ty}-{}", n % a.aggregates.max(1));
@@ -219,11 +238,18 @@ async fn one_txn(
     Ok((written, rollback))
 }
 
-fn read_manifest(path: &Path) -> Result<Vec<Line>, CliError> {
+/// The manifest's lines, and whether it was written for an exactly-once
+/// relay.
+fn read_manifest(path: &Path) -> Result<(Vec<Line>, bool), CliError> {
     let f = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
     let mut out = Vec::new();
+    let mut exactly_once = false;
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.map_err(io("reading the manifest"))?;
+        if line.starts_with('#') {
+            exactly_once |= line == EXACTLY_ONCE_HEADER;
+            continue;
+        }
         let mut it = line.split('\t');
         let (Some(topic), Some(id), Some(key), Some(hash)) =
             (it.next(), it.next(), it.next(), it.next())
@@ -244,11 +270,25 @@ fn read_manifest(path: &Path) -> Result<Vec<Line>, CliError> {
             hash,
         });
     }
-    Ok(out)
+    Ok((out, exactly_once))
 }
 
 async fn verify(a: &BenchVerifyArgs) -> Result<ExitCode, CliError> {
-    let lines = read_manifest(&a.manifest)?;
+    let (lines, exactly_once) = read_manifest(&a.manifest)?;
+    let isolation = a.isolation.unwrap_or(if exactly_once {
+        IsolationArg::ReadCommitted
+    } else {
+        IsolationArg::ReadUncommitted
+    });
+    println!(
+        "verify: reading with isolation.level={} ({} manifest)",
+        isolation.as_str(),
+        if exactly_once {
+            "exactly-once"
+        } else {
+            "at-least-once"
+        }
+    );
     let expected: HashMap<&str, &Line> = lines.iter().map(|l| (l.id.as_str(), l)).collect();
     let topics: Vec<String> = lines
         .iter()
@@ -259,10 +299,11 @@ async fn verify(a: &BenchVerifyArgs) -> Result<ExitCode, CliError> {
     let brokers = a.brokers.clone();
     let timeout = Duration::from_secs(a.timeout_secs);
     let want = lines.len();
-    let records =
-        tokio::task::spawn_blocking(move || read_topics(&brokers, &topics, want, timeout))
-            .await
-            .map_err(|e| CliError::Precondition(format!("reader thread failed: {e}")))??;
+    let records = tokio::task::spawn_blocking(move || {
+        read_topics(&brokers, &topics, want, timeout, isolation)
+    })
+    .await
+    .map_err(|e| CliError::Precondition(format!("reader thread failed: {e}")))??;
     let mut seen: HashMap<String, u32> = HashMap::new();
     let (mut mismatched, mut unexpected, mut checksum) = (0u64, 0u64, 0u64);
     for (topic, key, id, value) in &records {
@@ -290,16 +331,57 @@ async fn verify(a: &BenchVerifyArgs) -> Result<ExitCode, CliError> {
         seen.len()
     );
     println!("verify: checksum expected {want_sum:016x}, read {checksum:016x}");
-    if missing == 0 && mismatched == 0 && unexpected == 0 && checksum == want_sum {
-        if duplicates == 0 {
+    let verdict = Verdict::of(
+        missing == 0 && mismatched == 0 && unexpected == 0 && checksum == want_sum,
+        duplicates,
+        exactly_once,
+    );
+    match verdict {
+        Verdict::Exact => {
             println!("VERIFIED: every committed fact arrived exactly once, exactly as written");
-        } else {
-            println!("VERIFIED (at-least-once): every committed fact arrived as written; {duplicates} duplicates");
         }
-        Ok(ExitCode::SUCCESS)
+        Verdict::AtLeastOnce => println!(
+            "VERIFIED (at-least-once): every committed fact arrived as written; {duplicates} duplicates"
+        ),
+        Verdict::Duplicated => println!(
+            "FAILED: {duplicates} duplicates, and the manifest was written for an exactly-once relay"
+        ),
+        Verdict::Failed => println!("FAILED: see the counts above"),
+    }
+    Ok(if verdict.passed() {
+        ExitCode::SUCCESS
     } else {
-        println!("FAILED: see the counts above");
-        Ok(ExitCode::from(1))
+        ExitCode::from(1)
+    })
+}
+
+/// What `bench verify` concludes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Everything arrived once, as written.
+    Exact,
+    /// Everything arrived as written, some twice: fine for an
+    /// at-least-once relay.
+    AtLeastOnce,
+    /// Everything arrived as written, some twice, from an exactly-once
+    /// relay.
+    Duplicated,
+    /// Something is missing, altered or unexpected.
+    Failed,
+}
+
+impl Verdict {
+    fn of(complete: bool, duplicates: u64, exactly_once: bool) -> Self {
+        match (complete, duplicates, exactly_once) {
+            (false, _, _) => Verdict::Failed,
+            (true, 0, _) => Verdict::Exact,
+            (true, _, false) => Verdict::AtLeastOnce,
+            (true, _, true) => Verdict::Duplicated,
+        }
+    }
+
+    fn passed(self) -> bool {
+        matches!(self, Verdict::Exact | Verdict::AtLeastOnce)
     }
 }
 
@@ -310,6 +392,7 @@ fn read_topics(
     topics: &[String],
     want: usize,
     timeout: Duration,
+    isolation: IsolationArg,
 ) -> Result<Vec<Read>, CliError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
@@ -321,7 +404,7 @@ fn read_topics(
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation.as_str())
         .create()
         .map_err(kafka)?;
     let mut tpl = TopicPartitionList::new();
@@ -375,6 +458,32 @@ fn read_topics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duplicates_fail_only_an_exactly_once_manifest() {
+        assert_eq!(Verdict::of(true, 0, true), Verdict::Exact);
+        assert_eq!(Verdict::of(true, 3, false), Verdict::AtLeastOnce);
+        assert_eq!(Verdict::of(true, 3, true), Verdict::Duplicated);
+        assert_eq!(Verdict::of(false, 0, false), Verdict::Failed);
+        assert!(Verdict::AtLeastOnce.passed() && !Verdict::Duplicated.passed());
+    }
+
+    #[test]
+    fn the_manifest_header_records_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let eo = dir.path().join("eo.tsv");
+        std::fs::write(
+            &eo,
+            format!("{EXACTLY_ONCE_HEADER}\nt\tid1\tk\t00000000000000ff\n"),
+        )
+        .unwrap();
+        let (lines, exactly_once) = read_manifest(&eo).unwrap();
+        assert!(exactly_once);
+        assert_eq!((lines.len(), lines[0].hash), (1, 0xff));
+        let alo = dir.path().join("alo.tsv");
+        std::fs::write(&alo, "t\tid1\tk\t00000000000000ff\n").unwrap();
+        assert!(!read_manifest(&alo).unwrap().1);
+    }
 
     #[test]
     fn fnv_matches_reference_values() {

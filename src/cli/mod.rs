@@ -112,7 +112,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Setup(args) => setup::run(&cli.common, &args).await,
         Command::Emit(args) => emit_cmd::run(&cli.common, args).await,
         Command::Tail(args) => tail::run(&cli.common, &args).await,
-        Command::Status => status::run(&cli.common).await,
+        Command::Status(args) => status::run(&cli.common, &args).await,
         Command::Bench(cmd) => bench::run(&cli.common, &cmd).await,
         Command::Relay(args) => {
             let settings = args.settings(&cli.common)?;

@@ -272,6 +272,27 @@ impl Tracker {
         Ok(())
     }
 
+    /// Every fact of the units up to and including `token`'s was delivered
+    /// at once (a Kafka transaction holding them committed). Units after it
+    /// are untouched.
+    ///
+    /// Fails with [`ProgressError::UnknownToken`] if `token`'s unit is not
+    /// in the tracker or not yet sealed (a commit cannot cover part of a
+    /// unit); the tracker is left unchanged.
+    pub fn ack_through(&mut self, token: Token) -> Result<(), ProgressError> {
+        if !self.unit_mut(token.seq).is_some_and(|u| u.sealed) {
+            return Err(ProgressError::UnknownToken(token));
+        }
+        // In range: `unit_mut` found it.
+        let through = usize::try_from(token.seq - self.front_seq).unwrap_or(usize::MAX);
+        for unit in self.units.iter_mut().take(through + 1) {
+            let pending = usize::try_from(unit.pending).unwrap_or(usize::MAX);
+            self.in_flight = self.in_flight.saturating_sub(pending);
+            unit.pending = 0;
+        }
+        Ok(())
+    }
+
     /// A primary keepalive reporting `wal_end`. When no fact is in flight
     /// and no transaction is open, every unit seen is done and the server
     /// will still send any transaction that commits later, so the watermark
@@ -421,6 +442,39 @@ mod tests {
         assert_eq!(t.watermark(), lsn(0x100));
         t.ack(b[0]).unwrap();
         assert_eq!(t.watermark(), lsn(0x300));
+    }
+
+    /// Exactly-once: a committed Kafka transaction acks every unit up to
+    /// its last one at once, and nothing after it.
+    #[test]
+    fn ack_through_covers_the_prefix_up_to_a_unit() {
+        let mut t = Tracker::new(lsn(0));
+        let _a = tx(&mut t, 2, 0x100);
+        let b = tx(&mut t, 1, 0x200);
+        let c = t.lone(lsn(0x300), true).unwrap();
+        t.begin().unwrap();
+        let open = t.fact().unwrap();
+        assert_eq!(t.in_flight(), 5);
+        t.ack_through(b[0]).unwrap();
+        assert_eq!(t.in_flight(), 2);
+        assert_eq!(t.watermark(), lsn(0x200), "c is not covered");
+        assert_eq!(
+            t.ack_through(open),
+            Err(ProgressError::UnknownToken(open)),
+            "an open unit cannot be committed"
+        );
+        assert_eq!(t.in_flight(), 2, "a refused ack_through changes nothing");
+        t.ack_through(c).unwrap();
+        assert_eq!(t.watermark(), lsn(0x300));
+        assert_eq!(
+            t.ack_through(b[0]),
+            Err(ProgressError::UnknownToken(b[0])),
+            "a popped unit is unknown"
+        );
+        t.commit(lsn(0x400)).unwrap();
+        t.ack_through(open).unwrap();
+        assert_eq!(t.watermark(), lsn(0x400));
+        assert_eq!(t.in_flight(), 0);
     }
 
     #[test]

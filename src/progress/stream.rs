@@ -220,6 +220,12 @@ impl Stream {
         self.tracker.ack(token)
     }
 
+    /// Every fact handed out up to and including `token`'s unit was
+    /// delivered (see [`Tracker::ack_through`]).
+    pub fn ack_through(&mut self, token: Token) -> Result<(), ProgressError> {
+        self.tracker.ack_through(token)
+    }
+
     /// The position to confirm: the end of the contiguous fully-acked
     /// prefix of units. Never decreases.
     pub fn watermark(&mut self) -> Lsn {

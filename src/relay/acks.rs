@@ -24,11 +24,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{Receiver, TryRecvError};
+use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use tokio::sync::{watch, Notify};
 
 use super::{Refused, RelayError};
 use crate::progress::{Stream, Token};
+use crate::sink::txn::{refused_for_good, Command};
 use crate::sink::{refusal_advice, Delivery};
 use crate::telemetry;
 
@@ -43,10 +44,23 @@ pub(super) enum Drained {
     Stopped,
 }
 
+/// What carries progress.
+pub(super) enum Progress {
+    /// At-least-once: each record's delivery report acks its fact.
+    PerRecord,
+    /// Exactly-once: each committed Kafka transaction acks every unit up to
+    /// its last one; per-record reports only matter when they refuse a
+    /// record for good. The sender reaches the transaction flusher.
+    PerCommit(Sender<Command>),
+}
+
 /// Delivery reports, applied to the stream of the current connection.
 pub(super) struct Acks {
     rx: Receiver<Delivery>,
     wake: Arc<Notify>,
+    progress: Progress,
+    /// Exactly-once: the flusher answered the last reset.
+    reset_answered: bool,
     generation: u32,
     /// Records of this generation handed to the sink and not yet acked.
     outstanding: usize,
@@ -56,10 +70,17 @@ pub(super) struct Acks {
 
 impl Acks {
     /// A ledger reading `rx`; the sink notifies `wake` after each report.
-    pub(super) fn new(rx: Receiver<Delivery>, wake: Arc<Notify>, max_message_bytes: u64) -> Self {
+    pub(super) fn new(
+        rx: Receiver<Delivery>,
+        wake: Arc<Notify>,
+        progress: Progress,
+        max_message_bytes: u64,
+    ) -> Self {
         Acks {
             rx,
             wake,
+            progress,
+            reset_answered: false,
             generation: 0,
             outstanding: 0,
             max_message_bytes,
@@ -93,22 +114,36 @@ impl Acks {
 
     /// Applies every report received so far.
     pub(super) fn apply(&mut self, stream: &mut Stream) -> Result<(), RelayError> {
+        let per_record = matches!(self.progress, Progress::PerRecord);
         loop {
             match self.rx.try_recv() {
                 Ok(Delivery::Acked { opaque, bytes }) => {
                     let o = Opaque::from_raw(opaque);
-                    if o.generation == self.generation {
+                    if per_record && o.generation == self.generation {
                         stream.ack(o.token)?;
                         self.outstanding = self.outstanding.saturating_sub(1);
+                        telemetry::acked(1, bytes);
                     }
-                    telemetry::acked(1, bytes);
+                }
+                Ok(Delivery::Committed {
+                    opaque,
+                    records,
+                    bytes,
+                    through,
+                }) => {
+                    let o = Opaque::from_raw(opaque);
+                    if o.generation == self.generation {
+                        stream.ack_through(o.token)?;
+                        self.outstanding = self.outstanding.saturating_sub(records);
+                    }
+                    telemetry::committed(u64::try_from(records).unwrap_or(0), bytes, through);
                 }
                 Ok(Delivery::Failed {
                     topic,
                     bytes,
                     error,
                     ..
-                }) => {
+                }) if per_record || refused_for_good(&error) => {
                     return Err(RelayError::Delivery(Box::new(Refused {
                         advice: refusal_advice(&error, self.max_message_bytes),
                         topic,
@@ -116,8 +151,60 @@ impl Acks {
                         error,
                     })))
                 }
+                // In a transaction the commit decides: a record that failed
+                // on the way makes it fail, and it is aborted.
+                Ok(Delivery::Failed { .. }) => {}
+                Ok(Delivery::Reset) => self.reset_answered = true,
                 Ok(Delivery::Broken(e)) => return Err(RelayError::Sink(e)),
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => return Ok(()),
+            }
+        }
+    }
+
+    /// Exactly-once, on a stop: commit at the next unit end without waiting
+    /// for the transaction to be due.
+    pub(super) fn flush(&self) {
+        if let Progress::PerCommit(commands) = &self.progress {
+            let _ = commands.send(Command::Flush);
+        }
+    }
+
+    /// After a session ended, before the stream restarts at its watermark:
+    /// at-least-once waits for every record handed to Kafka; exactly-once
+    /// has the flusher drop what it holds of the old session and commit or
+    /// abort its transaction, then waits for that answer. Both stop early
+    /// on a stop request or once `limit` passes.
+    pub(super) async fn settle(
+        &mut self,
+        stream: &mut Stream,
+        stop: &mut watch::Receiver<bool>,
+        limit: Option<Duration>,
+    ) -> Result<Drained, RelayError> {
+        let Progress::PerCommit(commands) = &self.progress else {
+            return self.drain(stream, stop, limit).await;
+        };
+        self.reset_answered = false;
+        commands
+            .send(Command::Reset)
+            .map_err(|_| RelayError::Internal("the transaction flusher is gone"))?;
+        let deadline = limit.map(|l| Instant::now() + l);
+        loop {
+            self.apply(stream)?;
+            if self.reset_answered {
+                self.outstanding = 0;
+                return Ok(Drained::All);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(Drained::TimedOut);
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed(), if limit.is_none() => {
+                    if *stop.borrow() {
+                        return Ok(Drained::Stopped);
+                    }
+                }
             }
         }
     }
@@ -218,7 +305,7 @@ mod tests {
     #[test]
     fn acks_of_an_older_generation_change_nothing() {
         let (tx, rx) = crossbeam::channel::unbounded();
-        let mut acks = Acks::new(rx, Arc::new(Notify::new()), 1);
+        let mut acks = Acks::new(rx, Arc::new(Notify::new()), Progress::PerRecord, 1);
         let (mut stream, token) = one_fact();
         let old = acks.opaque(token);
         acks.handed();
@@ -247,7 +334,7 @@ mod tests {
     #[test]
     fn drain_waits_only_for_records_handed_to_the_sink() {
         let (_tx, rx) = crossbeam::channel::unbounded();
-        let mut acks = Acks::new(rx, Arc::new(Notify::new()), 1);
+        let mut acks = Acks::new(rx, Arc::new(Notify::new()), Progress::PerRecord, 1);
         let (mut stream, _never_pushed) = one_fact();
         let (_, mut stop) = watch::channel(false);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -265,7 +352,7 @@ mod tests {
     #[test]
     fn a_failed_delivery_is_an_error_with_advice() {
         let (tx, rx) = crossbeam::channel::unbounded();
-        let mut acks = Acks::new(rx, Arc::new(Notify::new()), 1_000_000);
+        let mut acks = Acks::new(rx, Arc::new(Notify::new()), Progress::PerRecord, 1_000_000);
         let (mut stream, token) = one_fact();
         tx.send(Delivery::Failed {
             opaque: acks.opaque(token),

@@ -26,12 +26,24 @@
 //! - On SIGTERM/SIGINT: stop reading at a transaction boundary, wait (up to
 //!   the shutdown timeout) for in-flight facts, send the final position,
 //!   exit 0.
+//!
+//! **Exactly-once** (`DeliveryMode::ExactlyOnce`): one ring and one
+//! transaction flusher (`sink::txn`) carry the facts in stream order; a
+//! fact counts as acknowledged only when the Kafka transaction holding its
+//! whole unit commits, with the checkpoint. After a transient failure the
+//! flusher drops what it holds of the old session and commits (whole units)
+//! or aborts (a partial one) before the stream restarts at the watermark.
+//! `exactly` reads the checkpoint at start and drops units already in
+//! Kafka.
 
 mod acks;
 mod deliver;
+mod exactly;
 mod session;
 
-use std::sync::Arc;
+pub use exactly::CheckpointError;
+
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -39,14 +51,16 @@ use tokio::sync::{watch, Notify};
 
 use crate::lsn::Lsn;
 use crate::progress::{ProgressError, Stream, StreamError};
-use crate::route::{RingSettings, Rings, RouteError, Router, TopicTemplate};
+use crate::route::{checkpoint_topic, RingSettings, Rings, RouteError, Router, TopicTemplate};
 use crate::sink::topics::{CreateTopics, Topics};
+use crate::sink::txn::TxnSettings;
 use crate::sink::{KafkaProducer, RecordShape, SinkError, SinkSettings};
 use crate::source::{ConnectionConfig, SourceError, SourceSettings};
 use crate::telemetry;
 
-use acks::{Acks, Drained};
+use acks::{Acks, Drained, Progress};
 use deliver::Deliver;
+use exactly::Exactly;
 
 /// A session that streamed this long was healthy: the backoff starts over.
 pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
@@ -69,6 +83,9 @@ pub enum RelayError {
     /// Bad routing configuration.
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// Exactly-once cannot start from the checkpoint it found.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     /// An ack that matches no fact in flight.
     #[error("unexpected delivery report: {0}")]
     Progress(#[from] ProgressError),
@@ -90,6 +107,7 @@ impl RelayError {
             RelayError::Stream(e) => e.is_transient(),
             RelayError::Sink(e) => e.is_transient(),
             RelayError::Route(e) => e.is_transient(),
+            RelayError::Checkpoint(e) => e.is_transient(),
             RelayError::Progress(e) => e.is_transient(),
             RelayError::Delivery(_) | RelayError::Thread(_) | RelayError::Internal(_) => false,
         }
@@ -110,6 +128,31 @@ pub struct Refused {
     pub advice: String,
 }
 
+/// How facts reach Kafka.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DeliveryMode {
+    /// Every fact at least once: idempotent producer, delivery reports.
+    #[default]
+    AtLeastOnce,
+    /// Every fact exactly once for `read_committed` consumers: Kafka
+    /// transactions of whole units, with a checkpoint.
+    ExactlyOnce(ExactlyOnce),
+}
+
+/// Exactly-once settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExactlyOnce {
+    /// The producer's `transactional.id`.
+    pub transactional_id: String,
+    /// Commit a transaction once it is this old (at the next unit end).
+    pub txn_max: Duration,
+    /// Commit a transaction once it holds this many facts (at the next
+    /// unit end).
+    pub txn_max_facts: usize,
+    /// Ignore the stored checkpoint once (a restored or different database).
+    pub reset_checkpoint: bool,
+}
+
 /// Everything the relay needs to know. `Default` is the documented default
 /// of each setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +169,8 @@ pub struct RelaySettings {
     pub template: TopicTemplate,
     /// The replication connection.
     pub source: SourceSettings,
+    /// At-least-once or exactly-once.
+    pub delivery: DeliveryMode,
     /// The Kafka producer.
     pub sink: SinkSettings,
     /// The rings between the reader and the flushers.
@@ -161,6 +206,7 @@ impl Default for RelaySettings {
             prefix: crate::fact::DEFAULT_PREFIX.into(),
             template: TopicTemplate::default(),
             source: SourceSettings::default(),
+            delivery: DeliveryMode::AtLeastOnce,
             sink: SinkSettings::default(),
             rings: RingSettings::default(),
             shape: RecordShape::default(),
@@ -179,32 +225,74 @@ impl Default for RelaySettings {
 pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result<(), RelayError> {
     let (ack_tx, ack_rx) = crossbeam::channel::unbounded();
     let wake = Arc::new(Notify::new());
-    let producer = KafkaProducer::new(&settings.sink, ack_tx.clone(), Arc::clone(&wake))?;
-    let r = settings.rings;
+    let exactly_once = match &settings.delivery {
+        DeliveryMode::AtLeastOnce => None,
+        DeliveryMode::ExactlyOnce(e) => Some(e),
+    };
+    let producer = KafkaProducer::new(
+        &settings.sink,
+        exactly_once.map(|e| e.transactional_id.as_str()),
+        ack_tx.clone(),
+        Arc::clone(&wake),
+    )?;
+    let r = ring_layout(settings.rings, exactly_once.is_some());
     let rings = Rings::new(r.rings, r.capacity, r.flushers)?;
     let router = Router::new(&settings.prefix, settings.template.clone(), r.rings)?;
+    let topics = || Topics::new(producer.clone(), settings.create_topics);
     let mut flushers = Vec::new();
-    for k in 0..rings.flusher_count() {
-        let h = crate::sink::flusher::spawn(
-            k,
-            Arc::clone(&rings),
-            producer.clone(),
-            ack_tx.clone(),
-            Arc::clone(&wake),
-        )
-        .map_err(RelayError::Thread)?;
-        flushers.push(h);
-    }
+    let (progress, exactly) = match exactly_once {
+        None => {
+            for k in 0..rings.flusher_count() {
+                let h = crate::sink::flusher::spawn(
+                    k,
+                    Arc::clone(&rings),
+                    producer.clone(),
+                    ack_tx.clone(),
+                    Arc::clone(&wake),
+                )
+                .map_err(RelayError::Thread)?;
+                flushers.push(h);
+            }
+            (Progress::PerRecord, None)
+        }
+        Some(e) => {
+            let (commands, command_rx) = crossbeam::channel::unbounded();
+            let source = Arc::new(OnceLock::new());
+            let topic = checkpoint_topic(&settings.prefix);
+            let txn = TxnSettings {
+                max_duration: e.txn_max,
+                max_records: e.txn_max_facts,
+                checkpoint_topic: topic.as_str().into(),
+            };
+            let h = crate::sink::txn::spawn(
+                Arc::clone(&rings),
+                producer.clone(),
+                txn,
+                Arc::clone(&source),
+                command_rx,
+                ack_tx.clone(),
+                Arc::clone(&wake),
+            )
+            .map_err(RelayError::Thread)?;
+            flushers.push(h);
+            let exactly = Exactly::new(
+                producer.clone(),
+                settings.sink.clone(),
+                topics(),
+                topic,
+                settings.slot.clone(),
+                e.reset_checkpoint,
+                source,
+            );
+            (Progress::PerCommit(commands), Some(exactly))
+        }
+    };
     drop(ack_tx);
     let relay = Relay {
         stream: Stream::new(&settings.prefix, Lsn::INVALID),
-        acks: Acks::new(ack_rx, wake, settings.sink.max_message_bytes),
-        deliver: Deliver::new(
-            router,
-            Topics::new(producer.clone(), settings.create_topics),
-            Arc::clone(&rings),
-            settings.shape,
-        ),
+        acks: Acks::new(ack_rx, wake, progress, settings.sink.max_message_bytes),
+        deliver: Deliver::new(router, topics(), Arc::clone(&rings), settings.shape),
+        exactly,
         reconnect: Reconnect::new(settings.max_backoff),
         settings,
         stop,
@@ -218,6 +306,21 @@ pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result
     result
 }
 
+/// The rings for a delivery mode. Exactly-once keeps one stream order:
+/// one ring, holding as many records as all the rings would, and one
+/// flusher.
+fn ring_layout(r: RingSettings, exactly_once: bool) -> RingSettings {
+    if exactly_once {
+        RingSettings {
+            rings: 1,
+            capacity: r.rings.saturating_mul(r.capacity),
+            flushers: 1,
+        }
+    } else {
+        r
+    }
+}
+
 /// The relay's state across connections; each piece has this one owner.
 struct Relay {
     settings: RelaySettings,
@@ -227,6 +330,8 @@ struct Relay {
     acks: Acks,
     /// Facts to records on their rings.
     deliver: Deliver,
+    /// Exactly-once: the checkpoint, and dropping what it covers.
+    exactly: Option<Exactly>,
     reconnect: Reconnect,
     stop: watch::Receiver<bool>,
 }
@@ -256,11 +361,12 @@ impl Relay {
                 retry_in: wait,
             }
             .emit();
-            // Everything already handed to Kafka must be acknowledged
-            // before streaming restarts at the watermark.
+            // What was handed to Kafka must be settled (acknowledged, or
+            // in exactly-once committed or aborted) before streaming
+            // restarts at the watermark.
             if self
                 .acks
-                .drain(&mut self.stream, &mut self.stop, None)
+                .settle(&mut self.stream, &mut self.stop, None)
                 .await?
                 == Drained::Stopped
             {

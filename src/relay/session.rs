@@ -17,6 +17,7 @@
 use std::time::{Duration, Instant};
 
 use super::deliver::{Delivered, Waiting};
+use super::exactly::Prepared;
 use super::{Drained, Ended, Relay, RelayError};
 use crate::lsn::Lsn;
 use crate::pgwire::backend::CopyRun;
@@ -78,7 +79,9 @@ impl Relay {
 
     async fn stream_once(&mut self, since: &mut Option<Instant>) -> Result<Ended, RelayError> {
         let start = self.stream.watermark();
-        let mut conn = self.connect(start).await?;
+        let Some(mut conn) = self.connect(start).await? else {
+            return Ok(Ended::Stopped);
+        };
         *since = Some(Instant::now());
         telemetry::Connected {
             slot: &self.settings.slot,
@@ -130,6 +133,12 @@ impl Relay {
                 continue;
             };
             if let Some(fact) = self.stream.handle(run.bytes(), body)? {
+                if let Some(x) = self.exactly.as_mut() {
+                    if x.already_in_kafka(&fact) {
+                        self.stream.ack(fact.token)?;
+                        continue;
+                    }
+                }
                 let opaque = self.acks.opaque(fact.token);
                 let mut w = Waiting {
                     conn: &mut conn,
@@ -144,12 +153,20 @@ impl Relay {
         }
     }
 
-    async fn connect(&self, start: Lsn) -> Result<ReplicationStream, RelayError> {
+    /// Connects and starts streaming at `start`; in exactly-once mode,
+    /// first makes sure of the checkpoint. `None` if a stop came first.
+    async fn connect(&mut self, start: Lsn) -> Result<Option<ReplicationStream>, RelayError> {
         let s = &self.settings;
         let mut conn = ReplicationStream::connect(&s.connection, &s.source).await?;
-        conn.identify_system().await?;
+        let id = conn.identify_system().await?;
+        if let Some(x) = self.exactly.as_mut() {
+            let dbname = &s.connection.dbname;
+            if x.prepare(&id, dbname, &mut self.stop).await? == Prepared::Stopped {
+                return Ok(None);
+            }
+        }
         conn.start_pgoutput(&s.slot, start, &s.publication).await?;
-        Ok(conn)
+        Ok(Some(conn))
     }
 
     /// Graceful end: wait for in-flight facts, confirm, release the slot.
@@ -158,13 +175,23 @@ impl Relay {
             in_flight = self.acks.outstanding(),
             "stopping: waiting for in-flight facts"
         );
+        if let Some(x) = self.exactly.as_mut() {
+            x.log_dropped();
+        }
         let limit = Some(self.settings.shutdown_timeout);
-        if self
-            .acks
-            .drain(&mut self.stream, &mut self.stop, limit)
-            .await?
-            != Drained::All
-        {
+        let drained = if self.stream.in_transaction() {
+            // Stopped inside a unit (a stop ended a wait): exactly-once
+            // aborts the transaction holding its first part.
+            self.acks
+                .settle(&mut self.stream, &mut self.stop, limit)
+                .await?
+        } else {
+            self.acks.flush();
+            self.acks
+                .drain(&mut self.stream, &mut self.stop, limit)
+                .await?
+        };
+        if drained != Drained::All {
             tracing::warn!(
                 in_flight = self.acks.outstanding(),
                 "shutdown timeout: facts still unacknowledged; they will be sent again on restart"

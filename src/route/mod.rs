@@ -40,7 +40,9 @@ pub mod topic;
 pub use murmur2::{murmur2, partition_for_key, to_positive};
 pub use ring::{Rings, Wake};
 pub use router::{Destination, Routed, Router};
-pub use topic::{dlq_topic, is_reserved, validate_topic, TopicTemplate, DEFAULT_TEMPLATE};
+pub use topic::{
+    checkpoint_topic, dlq_topic, is_reserved, validate_topic, TopicTemplate, DEFAULT_TEMPLATE,
+};
 
 /// The rings between the WAL reader and the flushers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

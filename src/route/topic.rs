@@ -234,11 +234,17 @@ pub fn dlq_topic(prefix: &str) -> String {
     format!("{prefix}.{DLQ_SUFFIX}")
 }
 
+/// The exactly-once checkpoint topic for a prefix: `{prefix}.checkpoints`.
+pub fn checkpoint_topic(prefix: &str) -> String {
+    format!("{prefix}.{CHECKPOINT_SUFFIX}")
+}
+
 const DLQ_SUFFIX: &str = "dlq";
+const CHECKPOINT_SUFFIX: &str = "checkpoints";
 
 /// Topics under `{prefix}.` that Factlib keeps for its own records: the
 /// dead letters, and the exactly-once checkpoints.
-const RESERVED_SUFFIXES: [&str; 2] = [DLQ_SUFFIX, "checkpoints"];
+const RESERVED_SUFFIXES: [&str; 2] = [DLQ_SUFFIX, CHECKPOINT_SUFFIX];
 
 /// True if `topic` is one Factlib keeps for its own records under `prefix`;
 /// no fact may be routed there.

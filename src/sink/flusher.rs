@@ -54,7 +54,6 @@ pub fn spawn<P: Producer>(
                 producer,
                 failures,
                 wake,
-                open: false,
                 closed_full_since: None,
                 given_up: 0,
             }
@@ -66,8 +65,6 @@ struct Flusher<P> {
     producer: P,
     failures: Sender<Delivery>,
     wake: Arc<tokio::sync::Notify>,
-    /// A batch is open: `begin` was called and `commit` not yet.
-    open: bool,
     /// Since when the queue has been full with the rings closed.
     closed_full_since: Option<std::time::Instant>,
     /// Records given up after the rings closed.
@@ -83,7 +80,7 @@ impl<P: Producer> Flusher<P> {
             for &ring in &mine {
                 took += rings.pop_into(ring, &mut batch, BATCH);
                 for rec in batch.drain(..) {
-                    self.record(rec, rings);
+                    self.send(rec, rings);
                 }
             }
             if took == 0 {
@@ -97,25 +94,6 @@ impl<P: Producer> Flusher<P> {
                     return;
                 }
                 rings.wait_for_work(k, Duration::from_millis(100));
-            }
-        }
-    }
-
-    /// Sends one record inside a batch that ends at a transaction boundary.
-    fn record(&mut self, rec: Record, rings: &Rings<Record>) {
-        if !self.open {
-            if let Err(e) = self.producer.begin() {
-                self.fail(Delivery::Broken(e));
-                return;
-            }
-            self.open = true;
-        }
-        let end = rec.txn_end;
-        self.send(rec, rings);
-        if let Some(lsn) = end {
-            self.open = false;
-            if let Err(e) = self.producer.commit(lsn) {
-                self.fail(Delivery::Broken(e));
             }
         }
     }
@@ -168,41 +146,26 @@ mod tests {
     use super::*;
     use crate::lsn::Lsn;
     use crate::sink::record::dead_letter;
-    use crate::sink::SinkError;
     use rdkafka::error::KafkaError;
     use std::sync::Mutex;
 
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    enum Call {
-        Begin,
-        Send(usize),
-        Commit(Lsn),
-    }
-
-    /// Records the calls; the first send of `full_once` reports a full queue.
+    /// Records the opaques sent; the first send of `full_once` reports a
+    /// full queue.
     #[derive(Clone, Default)]
     struct Recording {
-        calls: Arc<Mutex<Vec<Call>>>,
+        calls: Arc<Mutex<Vec<usize>>>,
         full_once: Arc<Mutex<Option<usize>>>,
     }
 
     impl Producer for Recording {
-        fn begin(&mut self) -> Result<(), SinkError> {
-            self.calls.lock().unwrap().push(Call::Begin);
-            Ok(())
-        }
         fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
             let mut full = self.full_once.lock().unwrap();
             if *full == Some(rec.opaque) {
                 *full = None;
                 return Ok(SendOutcome::Full(rec));
             }
-            self.calls.lock().unwrap().push(Call::Send(rec.opaque));
+            self.calls.lock().unwrap().push(rec.opaque);
             Ok(SendOutcome::Queued)
-        }
-        fn commit(&mut self, through: Lsn) -> Result<(), SinkError> {
-            self.calls.lock().unwrap().push(Call::Commit(through));
-            Ok(())
         }
     }
 
@@ -213,9 +176,8 @@ mod tests {
     }
 
     #[test]
-    fn batches_end_at_transaction_boundaries_in_ring_order() {
+    fn records_reach_the_producer_in_ring_order() {
         let rings = Rings::new(1, 16, 1).unwrap();
-        // A transaction of three records, a lone fact, a transaction of one.
         for r in [
             rec(1, None),
             rec(2, None),
@@ -239,22 +201,9 @@ mod tests {
         .unwrap()
         .join()
         .unwrap();
-        use Call::*;
         assert_eq!(
             *p.calls.lock().unwrap(),
-            vec![
-                Begin,
-                Send(1),
-                Send(2),
-                Send(3),
-                Commit(Lsn(100)),
-                Begin,
-                Send(4),
-                Commit(Lsn(120)),
-                Begin,
-                Send(5),
-                Commit(Lsn(200))
-            ],
+            vec![1, 2, 3, 4, 5],
             "a full queue retries the same record, in order"
         );
         assert!(rx.try_recv().is_err(), "no failures");
@@ -270,14 +219,8 @@ mod tests {
     struct AlwaysFull;
 
     impl Producer for AlwaysFull {
-        fn begin(&mut self) -> Result<(), SinkError> {
-            Ok(())
-        }
         fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
             Ok(SendOutcome::Full(rec))
-        }
-        fn commit(&mut self, _through: Lsn) -> Result<(), SinkError> {
-            Ok(())
         }
     }
 

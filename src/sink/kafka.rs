@@ -29,6 +29,7 @@ use rdkafka::types::RDKafkaRespErr;
 
 use super::record::Record;
 use super::topics::CreateTopics;
+use super::txn::{Transactional, TxnError, TxnErrorKind};
 use super::SinkError;
 
 /// Kafka batch compression.
@@ -107,8 +108,24 @@ pub enum Delivery {
         /// Key + value bytes.
         bytes: u64,
     },
-    /// A batch could not begin or commit; nothing after it is confirmed.
+    /// The sink cannot go on (a Kafka transaction failed); the error says
+    /// whether it is transient.
     Broken(SinkError),
+    /// Exactly-once: a Kafka transaction committed. Its last fact record
+    /// carried `opaque` and ended the unit at `through` (the checkpoint
+    /// written with it).
+    Committed {
+        /// The opaque of the transaction's last fact record.
+        opaque: usize,
+        /// Fact records in the transaction.
+        records: usize,
+        /// Their key + value + header bytes.
+        bytes: u64,
+        /// The checkpoint: the end of the transaction's last unit.
+        through: crate::lsn::Lsn,
+    },
+    /// Exactly-once: the answer to [`super::txn::Command::Reset`].
+    Reset,
     /// The record failed for good.
     Failed {
         /// Its opaque token.
@@ -234,8 +251,13 @@ pub enum SendOutcome {
 
 impl KafkaProducer {
     /// Builds the producer. Acks go to `acks`; `wake` is notified after each.
+    ///
+    /// With a `transactional_id` the producer is transactional (call
+    /// [`KafkaProducer::init_transactions`] before anything else), and
+    /// delivery reports come only for failures: commits carry progress.
     pub fn new(
         cfg: &SinkSettings,
+        transactional_id: Option<&str>,
         acks: Sender<Delivery>,
         wake: Arc<tokio::sync::Notify>,
     ) -> Result<Self, SinkError> {
@@ -256,6 +278,10 @@ impl KafkaProducer {
             .set("message.max.bytes", cfg.max_message_bytes.to_string())
             .set("message.timeout.ms", "0")
             .set("topic.metadata.refresh.interval.ms", "30000");
+        if let Some(id) = transactional_id {
+            c.set("transactional.id", id)
+                .set("delivery.report.only.error", "true");
+        }
         for (k, v) in &cfg.extra {
             c.set(k, v);
         }
@@ -342,13 +368,29 @@ impl KafkaProducer {
         }
     }
 
-    /// Creates `topic`; an already existing topic is fine.
-    pub async fn create_topic(&self, topic: &str, c: CreateTopics) -> Result<(), SinkError> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.config.create().map_err(SinkError::Config)?;
+    /// Creates `topic` with topic `configs` besides `max.message.bytes`; an
+    /// already existing topic is fine.
+    pub async fn create_topic(
+        &self,
+        topic: &str,
+        c: CreateTopics,
+        configs: &[(&str, &str)],
+    ) -> Result<(), SinkError> {
+        // An admin client is a producer handle underneath: it must not
+        // carry the transactional id.
+        let admin: AdminClient<DefaultClientContext> = self
+            .config
+            .clone()
+            .remove("transactional.id")
+            .remove("delivery.report.only.error")
+            .create()
+            .map_err(SinkError::Config)?;
         let max_bytes = c.max_message_bytes.to_string();
-        let new = NewTopic::new(topic, c.partitions, TopicReplication::Fixed(c.replication))
+        let mut new = NewTopic::new(topic, c.partitions, TopicReplication::Fixed(c.replication))
             .set("max.message.bytes", &max_bytes);
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
         let results =
             admin
@@ -373,19 +415,59 @@ impl KafkaProducer {
     }
 }
 
-/// At-least-once: batches need no Kafka transaction; the idempotent
-/// producer and delivery reports carry the guarantee.
 impl super::Producer for KafkaProducer {
-    fn begin(&mut self) -> Result<(), SinkError> {
-        Ok(())
+    fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
+        KafkaProducer::send(self, rec)
+    }
+}
+
+impl KafkaProducer {
+    /// `init_transactions`: fences every older producer with the same
+    /// transactional id and aborts its open transaction. Blocks up to
+    /// `timeout`.
+    pub fn init_transactions(&self, timeout: Duration) -> Result<(), SinkError> {
+        self.producer
+            .init_transactions(timeout)
+            .map_err(|source| SinkError::TransactionInit {
+                id: self
+                    .config
+                    .get("transactional.id")
+                    .unwrap_or_default()
+                    .to_owned(),
+                source,
+            })
+    }
+}
+
+/// What a failed transactional call asks of the caller, as librdkafka
+/// says.
+fn classify(error: KafkaError) -> TxnError {
+    let kind = match &error {
+        KafkaError::Transaction(e) if e.is_fatal() => TxnErrorKind::Fatal,
+        KafkaError::Transaction(e) if e.txn_requires_abort() => TxnErrorKind::Abortable,
+        KafkaError::Transaction(e) if e.is_retriable() => TxnErrorKind::Retriable,
+        // commit_transaction flushes first; a flush timeout is retried.
+        KafkaError::Flush(_) => TxnErrorKind::Retriable,
+        _ => TxnErrorKind::Abortable,
+    };
+    TxnError { kind, error }
+}
+
+impl Transactional for KafkaProducer {
+    fn begin(&mut self) -> Result<(), TxnError> {
+        self.producer.begin_transaction().map_err(classify)
     }
 
     fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
         KafkaProducer::send(self, rec)
     }
 
-    fn commit(&mut self, _through: crate::lsn::Lsn) -> Result<(), SinkError> {
-        Ok(())
+    fn commit(&mut self, timeout: Duration) -> Result<(), TxnError> {
+        self.producer.commit_transaction(timeout).map_err(classify)
+    }
+
+    fn abort(&mut self, timeout: Duration) -> Result<(), TxnError> {
+        self.producer.abort_transaction(timeout).map_err(classify)
     }
 }
 
@@ -427,6 +509,7 @@ mod tests {
                 brokers: mock.bootstrap_servers(),
                 ..SinkSettings::default()
             },
+            None,
             tx,
             Arc::new(tokio::sync::Notify::new()),
         )

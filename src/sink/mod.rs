@@ -4,6 +4,7 @@
 //! ```text
 //!  rings[p] ──flusher k (p % flushers == k)──► Producer::send ──► librdkafka ──► Kafka
 //!                                                   └─ delivery report ──► Delivery ──► relay
+//!  exactly-once: ring 0 ──txn flusher──► Kafka transactions (+ checkpoint) ──► Delivery::Committed ──► relay
 //! ```
 //!
 //! The sink does not track LSNs: every record carries an opaque ack token,
@@ -18,36 +19,25 @@
 //! - A record that cannot be sent is reported as [`Delivery::Failed`]; it is
 //!   never dropped silently.
 
+pub mod checkpoint;
 pub mod flusher;
 pub mod kafka;
 pub mod record;
 pub mod topics;
+pub mod txn;
 
 pub use kafka::{Compression, Delivery, KafkaProducer, SendOutcome, SinkSettings, TopicState};
 pub use record::{HeaderSet, Record, RecordShape, ValueMode};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use crate::lsn::Lsn;
-
-/// What the flushers drive. Records arrive in batches cut at PostgreSQL
-/// transaction boundaries: `begin`, then `send` for each record, and
-/// `commit` after a record whose [`Record::txn_end`] is set.
-///
-/// The at-least-once producer ([`KafkaProducer`]) needs no batch: its
-/// `begin` and `commit` do nothing, and delivery reports alone drive
-/// progress. An exactly-once producer would run a Kafka transaction per
-/// batch, writing a checkpoint record (the `txn_end` LSN) to a compacted
-/// topic before `commit`; it needs one flusher (`--flushers 1 --rings 1`)
-/// so that a batch holds whole PostgreSQL transactions in order.
+/// What the at-least-once flushers drive: one `send` per record, in ring
+/// order. Delivery reports alone carry progress. (Exactly-once has its own
+/// flusher: [`txn`].)
 pub trait Producer: Clone + Send + 'static {
-    /// Starts a batch.
-    fn begin(&mut self) -> Result<(), SinkError>;
     /// Hands one record over without blocking; a full queue returns it.
     #[allow(clippy::result_large_err)]
     fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)>;
-    /// Ends the batch after the record that closed PostgreSQL unit `through`.
-    fn commit(&mut self, through: Lsn) -> Result<(), SinkError>;
 }
 
 /// Why the Kafka side failed.
@@ -99,6 +89,86 @@ pub enum SinkError {
     /// A metadata request's thread did not run or answer.
     #[error("a Kafka metadata request failed to run: {0}")]
     LookupThread(String),
+    /// The checkpoint topic does not exist and `--create-topics` is off.
+    #[error("the checkpoint topic {0:?} does not exist; create it with one partition and cleanup.policy=compact, or run the relay with --create-topics")]
+    CheckpointTopicMissing(String),
+    /// Reading the checkpoint topic failed.
+    #[error(
+        "cannot read the checkpoint topic {topic:?}: {source}; is Kafka reachable at --brokers?"
+    )]
+    Checkpoint {
+        /// The checkpoint topic.
+        topic: String,
+        /// The error.
+        #[source]
+        source: KafkaError,
+    },
+    /// A checkpoint of this source does not parse.
+    #[error("the checkpoint at offset {offset} of {topic:?} does not parse ({detail}); if the topic holds something else, point --prefix elsewhere, or start over with --reset-checkpoint")]
+    CheckpointCorrupt {
+        /// The checkpoint topic.
+        topic: String,
+        /// The record's offset.
+        offset: i64,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Starting the transactional producer (`init_transactions`) failed.
+    #[error("cannot start Kafka transactions (transactional.id {id:?}): {source}")]
+    TransactionInit {
+        /// The transactional id.
+        id: String,
+        /// The error.
+        #[source]
+        source: KafkaError,
+    },
+    /// A Kafka transaction failed and was aborted; its records are streamed
+    /// again from the last checkpoint.
+    #[error("a Kafka transaction failed ({op}) and was aborted: {source}; streaming again from the last checkpoint")]
+    TransactionAborted {
+        /// The call that failed.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The transactional producer cannot go on: fenced by a newer producer
+    /// with the same `transactional.id`, or a fatal error.
+    #[error("{}", fatal_message(op, source))]
+    TransactionFatal {
+        /// The call that failed.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: KafkaError,
+    },
+    /// A bug in the sink.
+    #[error("internal error in the Kafka sink: {0}")]
+    Internal(&'static str),
+}
+
+fn fatal_message(op: &str, source: &KafkaError) -> String {
+    let fenced = matches!(
+        source.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    );
+    if fenced {
+        format!(
+            "this relay was fenced ({op}: {source}): another relay started with the same \
+             --transactional-id and took over; this one stops without confirming anything more. \
+             Run one relay per slot"
+        )
+    } else {
+        format!(
+            "the Kafka transactional producer failed fatally ({op}: {source}); stopping without \
+             confirming anything more. Restarting the relay aborts the open transaction and \
+             resumes from the last checkpoint"
+        )
+    }
 }
 
 impl SinkError {
@@ -114,11 +184,24 @@ impl SinkError {
             SinkError::CreateTopic { source, .. } => source
                 .rdkafka_error_code()
                 .is_some_and(|c| UNREACHABLE.contains(&c)),
-            SinkError::Flush(_) | SinkError::NotReady(_) => true,
+            SinkError::Checkpoint { source, .. } | SinkError::TransactionInit { source, .. } => {
+                let fatal = matches!(source, KafkaError::Transaction(e) if e.is_fatal());
+                !fatal
+                    && !source
+                        .rdkafka_error_code()
+                        .is_some_and(|c| DEFINITE.contains(&c))
+            }
+            SinkError::Flush(_) | SinkError::NotReady(_) | SinkError::TransactionAborted { .. } => {
+                true
+            }
             SinkError::Config(_)
             | SinkError::TopicMissing(_)
             | SinkError::Produce { .. }
-            | SinkError::LookupThread(_) => false,
+            | SinkError::LookupThread(_)
+            | SinkError::CheckpointTopicMissing(_)
+            | SinkError::CheckpointCorrupt { .. }
+            | SinkError::TransactionFatal { .. }
+            | SinkError::Internal(_) => false,
         }
     }
 }
@@ -154,8 +237,10 @@ const UNREACHABLE: [RDKafkaErrorCode; 8] = [
 ];
 
 /// Metadata answers that retrying does not change.
-const DEFINITE: [RDKafkaErrorCode; 4] = [
+const DEFINITE: [RDKafkaErrorCode; 6] = [
     RDKafkaErrorCode::TopicAuthorizationFailed,
+    RDKafkaErrorCode::TransactionalIdAuthorizationFailed,
+    RDKafkaErrorCode::InvalidTransactionTimeout,
     RDKafkaErrorCode::ClusterAuthorizationFailed,
     RDKafkaErrorCode::InvalidTopic,
     RDKafkaErrorCode::SaslAuthenticationFailed,

@@ -48,14 +48,37 @@ impl Topics {
     /// The partition count of `topic`, once every partition has a leader;
     /// the topic is created first if it is missing and creation is on.
     pub async fn partitions(&self, topic: &str) -> Result<u32, SinkError> {
+        self.ready(topic, None).await
+    }
+
+    /// Makes sure the checkpoint topic exists and has a leader; with
+    /// creation on, a missing one is created with one partition and
+    /// `cleanup.policy=compact`.
+    pub async fn checkpoints(&self, topic: &str) -> Result<(), SinkError> {
+        self.ready(topic, Some(&[("cleanup.policy", "compact")]))
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                SinkError::TopicMissing(t) => SinkError::CheckpointTopicMissing(t),
+                other => other,
+            })
+    }
+
+    /// `configs` set: a checkpoint topic (one partition, these configs).
+    async fn ready(&self, topic: &str, configs: Option<&[(&str, &str)]>) -> Result<u32, SinkError> {
         match self.fetch(topic).await? {
             TopicState::Ready(n) => return Ok(n),
             TopicState::NotReady => {}
             TopicState::Missing => {
-                let Some(c) = self.create else {
+                let Some(mut c) = self.create else {
                     return Err(SinkError::TopicMissing(topic.to_owned()));
                 };
-                self.producer.create_topic(topic, c).await?;
+                if configs.is_some() {
+                    c.partitions = 1;
+                }
+                self.producer
+                    .create_topic(topic, c, configs.unwrap_or_default())
+                    .await?;
                 tracing::info!(
                     topic,
                     partitions = c.partitions,
@@ -78,15 +101,26 @@ impl Topics {
     async fn fetch(&self, topic: &str) -> Result<TopicState, SinkError> {
         let producer = self.producer.clone();
         let (name, timeout) = (topic.to_owned(), self.timeout);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("factlib-metadata".into())
-            .spawn(move || {
-                let _ = tx.send(producer.topic_state(&name, timeout));
-            })
-            .map_err(|e| SinkError::LookupThread(e.to_string()))?;
-        rx.await.map_err(|_| {
-            SinkError::LookupThread("the lookup thread ended without an answer".into())
-        })?
+        off_thread("factlib-metadata", move || {
+            producer.topic_state(&name, timeout)
+        })
+        .await
     }
+}
+
+/// Runs blocking librdkafka work `f` on a thread of its own and awaits its
+/// answer (see the module's invariants for why not on the runtime).
+pub async fn off_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T, SinkError> + Send + 'static,
+) -> Result<T, SinkError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| SinkError::LookupThread(e.to_string()))?;
+    rx.await
+        .map_err(|_| SinkError::LookupThread(format!("{name} ended without an answer")))?
 }
