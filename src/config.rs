@@ -375,7 +375,7 @@ pub struct RelayArgs {
     /// crash. `exactly-once`: Kafka transactions of whole PostgreSQL
     /// transactions, each with a checkpoint, so a consumer with
     /// isolation.level=read_committed sees every fact once; uses one ring
-    /// of --rings × --ring-capacity records and one flusher.
+    /// of 4 × --ring-capacity records and one flusher.
     #[arg(long, env = "FACTLIB_DELIVERY", value_enum, default_value_t = DeliveryArg::AtLeastOnce)]
     pub delivery: DeliveryArg,
 

@@ -13,6 +13,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::time::Duration;
+
 use crate::lsn::Lsn;
 
 /// Process-wide counters.
@@ -186,11 +188,17 @@ pub fn acked(facts: u64, bytes: u64) {
 }
 
 /// A Kafka transaction of `facts` records committed, with its checkpoint
-/// at `through` (exactly-once).
-pub fn committed(facts: u64, bytes: u64, through: Lsn) {
-    acked(facts, bytes);
+/// at `through`; `commit` is how long `commit_transaction` took
+/// (exactly-once).
+pub fn transaction_committed(facts: usize, through: Lsn, open: Duration, commit: Duration) {
     inc(&METRICS.transactions_total, 1);
-    tracing::debug!(facts, checkpoint = %through, "Kafka transaction committed");
+    tracing::debug!(
+        facts,
+        checkpoint = %through,
+        open_ms = open.as_secs_f64() * 1e3,
+        commit_ms = commit.as_secs_f64() * 1e3,
+        "Kafka transaction committed"
+    );
 }
 
 /// The confirmed position moved.

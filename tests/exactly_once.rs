@@ -10,9 +10,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use factlib::emit::{emit, NewFact};
+use factlib::emit::emit;
 
 /// `factlib relay --delivery exactly-once` with topics created (3
 /// partitions), fast confirms, and `extra` flags.
@@ -29,31 +28,6 @@ fn eo_relay(
         .args(["--status-interval-ms", "1000", "--max-backoff-ms", "1000"])
         .args(extra);
     c
-}
-
-fn new_fact(i: usize) -> NewFact {
-    NewFact {
-        aggregate_type: "order".into(),
-        aggregate_id: format!("a{}", i % 11),
-        event_type: "order.changed".into(),
-        payload: Bytes::from(format!("{{\"i\":{i}}}")),
-        ..Default::default()
-    }
-}
-
-/// Emits `txns` transactions of `per` facts; returns the ids.
-async fn emit_ids(prefix: &str, txns: usize, per: usize, offset: usize) -> Vec<String> {
-    let mut c = sql().await;
-    let mut ids = Vec::new();
-    for t in 0..txns {
-        let tx = c.transaction().await.unwrap();
-        for i in 0..per {
-            let f = emit(&tx, prefix, new_fact(offset + t * per + i)).await;
-            ids.push(f.unwrap().0.id);
-        }
-        tx.commit().await.unwrap();
-    }
-    ids
 }
 
 /// How many times each id arrived.
@@ -75,8 +49,8 @@ fn exactly_once(want: &[String], got: &[Consumed]) {
     assert_eq!(c.len(), want.len(), "nothing unexpected arrived");
 }
 
-fn read(topics: &[String], want: usize, limit: Duration) -> Vec<Consumed> {
-    consume(topics, want, Duration::from_secs(3), limit)
+async fn read(topics: &[String], want: usize, limit: Duration) -> Vec<Consumed> {
+    consume_async(topics, want, Duration::from_secs(3), limit).await
 }
 
 /// Each partition's high watermark (end offset) of `topic`.
@@ -227,10 +201,7 @@ async fn a_frozen_relay_is_fenced_by_its_successor_and_confirms_nothing() {
     })
     .await
     .unwrap();
-    let t = topic.clone();
-    let invisible = tokio::task::spawn_blocking(move || read(&[t], 1, Duration::from_secs(5)))
-        .await
-        .unwrap();
+    let invisible = read(std::slice::from_ref(&topic), 1, Duration::from_secs(5)).await;
     assert!(invisible.is_empty(), "A's open transaction is not visible");
     let before = confirmed_flush(&slot).await;
 
@@ -251,16 +222,18 @@ async fn a_frozen_relay_is_fenced_by_its_successor_and_confirms_nothing() {
     let second = emit_ids(&prefix, 10, 10, 1000).await;
     let b = spawn(eo_relay(&slot, &publication, &prefix, &[]));
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
-    let (t, n) = (topic.clone(), all.len());
-    let got = tokio::task::spawn_blocking(move || read(&[t], n, Duration::from_secs(120)))
-        .await
-        .unwrap();
+    let got = read(
+        std::slice::from_ref(&topic),
+        all.len(),
+        Duration::from_secs(120),
+    )
+    .await;
     exactly_once(&all, &got);
 
     signal(&a, "CONT").await;
     let out = wait_exit(a, Duration::from_secs(90)).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the zombie must fail:\n{stderr}");
+    assert_eq!(out.status.code(), Some(2), "the zombie must fail:\n{stderr}");
     assert!(stderr.contains("fenced"), "says it was fenced:\n{stderr}");
     assert_eq!(
         stderr.matches("confirmed=").count(),
@@ -268,10 +241,12 @@ async fn a_frozen_relay_is_fenced_by_its_successor_and_confirms_nothing() {
         "the zombie never reports a final confirm:\n{stderr}"
     );
 
-    let (t, n) = (topic.clone(), all.len());
-    let again = tokio::task::spawn_blocking(move || read(&[t], n, Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let again = read(
+        std::slice::from_ref(&topic),
+        all.len(),
+        Duration::from_secs(60),
+    )
+    .await;
     exactly_once(&all, &again);
     stop_ok(b).await;
     teardown(&slot, &publication).await;
@@ -295,10 +270,12 @@ async fn units_behind_the_checkpoint_are_dropped_and_counted() {
         &prefix,
         &["--confirm-interval-ms", "3600000"],
     ));
-    let (t, n) = (topic.clone(), first.len());
-    let got = tokio::task::spawn_blocking(move || read(&[t], n, Duration::from_secs(120)))
-        .await
-        .unwrap();
+    let got = read(
+        std::slice::from_ref(&topic),
+        first.len(),
+        Duration::from_secs(120),
+    )
+    .await;
     exactly_once(&first, &got);
     signal(&a, "KILL").await;
     let _ = a.wait_with_output().await;
@@ -324,10 +301,12 @@ async fn units_behind_the_checkpoint_are_dropped_and_counted() {
     let b = spawn(eo_relay(&slot, &publication, &prefix, &[]));
     let second = emit_ids(&prefix, 5, 10, 1000).await;
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
-    let (t, n) = (topic.clone(), all.len());
-    let got = tokio::task::spawn_blocking(move || read(&[t], n, Duration::from_secs(120)))
-        .await
-        .unwrap();
+    let got = read(
+        std::slice::from_ref(&topic),
+        all.len(),
+        Duration::from_secs(120),
+    )
+    .await;
     exactly_once(&all, &got);
     let out = stop_ok(b).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -360,7 +339,7 @@ async fn a_200k_fact_transaction_goes_in_one_kafka_transaction() {
         for chunk in (0..N).collect::<Vec<_>>().chunks(5_000) {
             let mut envelopes = Vec::with_capacity(chunk.len());
             for &i in chunk {
-                let f = factlib::emit::build(new_fact(i)).unwrap();
+                let f = factlib::emit::build(order_fact(i)).unwrap();
                 ids.push(f.id.clone());
                 envelopes.push(factlib::fact::encode(&f));
             }
@@ -374,10 +353,7 @@ async fn a_200k_fact_transaction_goes_in_one_kafka_transaction() {
         tx.commit().await.unwrap();
     }
     let relay = spawn(eo_relay(&slot, &publication, &prefix, &[]));
-    let t = topic.clone();
-    let got = tokio::task::spawn_blocking(move || read(&[t], N, Duration::from_secs(300)))
-        .await
-        .unwrap();
+    let got = read(std::slice::from_ref(&topic), N, Duration::from_secs(300)).await;
     exactly_once(&ids, &got);
     let mut per_partition: HashMap<i32, i64> = HashMap::new();
     for r in &got {
@@ -414,23 +390,21 @@ async fn a_dead_letter_lands_once_between_the_good_facts() {
     {
         let mut c = sql().await;
         let tx = c.transaction().await.unwrap();
-        good.push(emit(&tx, &prefix, new_fact(1)).await.unwrap().0.id);
+        good.push(emit(&tx, &prefix, order_fact(1)).await.unwrap().0.id);
         tx.execute(
             "SELECT pg_logical_emit_message(true, $1::text, $2::bytea)",
             &[&prefix, &bad],
         )
         .await
         .unwrap();
-        good.push(emit(&tx, &prefix, new_fact(2)).await.unwrap().0.id);
+        good.push(emit(&tx, &prefix, order_fact(2)).await.unwrap().0.id);
         tx.commit().await.unwrap();
     }
     good.extend(emit_ids(&prefix, 3, 2, 10).await);
     let relay = spawn(eo_relay(&slot, &publication, &prefix, &[]));
     let topics = vec![topic.clone(), dlq.clone()];
     let n = good.len() + 1;
-    let got = tokio::task::spawn_blocking(move || read(&topics, n, Duration::from_secs(120)))
-        .await
-        .unwrap();
+    let got = read(&topics, n, Duration::from_secs(120)).await;
     let (dead, facts): (Vec<_>, Vec<_>) = got.into_iter().partition(|c| c.topic == dlq);
     assert_eq!(dead.len(), 1, "one dead letter");
     assert_eq!(dead[0].value, bad);
@@ -442,9 +416,7 @@ async fn a_dead_letter_lands_once_between_the_good_facts() {
     good.extend(emit_ids(&prefix, 1, 1, 100).await);
     let topics = vec![topic.clone(), dlq.clone()];
     let n = good.len() + 1;
-    let got = tokio::task::spawn_blocking(move || read(&topics, n, Duration::from_secs(120)))
-        .await
-        .unwrap();
+    let got = read(&topics, n, Duration::from_secs(120)).await;
     let (dead, facts): (Vec<_>, Vec<_>) = got.into_iter().partition(|c| c.topic == dlq);
     assert_eq!(dead.len(), 1, "still one dead letter");
     exactly_once(&good, &facts);
@@ -535,9 +507,7 @@ async fn a_checkpoint_beyond_the_servers_wal_is_refused_until_reset() {
     ));
     let t = format!("{prefix}.order");
     let n = ids.len();
-    let got = tokio::task::spawn_blocking(move || read(&[t], n, Duration::from_secs(120)))
-        .await
-        .unwrap();
+    let got = read(&[t], n, Duration::from_secs(120)).await;
     exactly_once(&ids, &got);
     stop_ok(relay).await;
     // The stored checkpoint was replaced: a plain restart works.

@@ -7,9 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use factlib::emit::{emit, NewFact};
 use factlib::Lsn;
 use tokio::sync::Mutex;
 
@@ -19,38 +17,8 @@ fn env_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/env")
 }
 
-fn new_fact(i: usize) -> NewFact {
-    NewFact {
-        aggregate_type: "order".into(),
-        aggregate_id: format!("a{}", i % 11),
-        event_type: "order.changed".into(),
-        payload: Bytes::from(format!("{{\"i\":{i}}}")),
-        ..Default::default()
-    }
-}
-
-/// Emits `txns` transactions of `per` facts; returns the ids in commit order.
-async fn emit_ids(prefix: &str, txns: usize, per: usize, offset: usize) -> Vec<String> {
-    let mut c = sql().await;
-    let mut ids = Vec::new();
-    for t in 0..txns {
-        let tx = c.transaction().await.unwrap();
-        for i in 0..per {
-            ids.push(
-                emit(&tx, prefix, new_fact(offset + t * per + i))
-                    .await
-                    .unwrap()
-                    .0
-                    .id,
-            );
-        }
-        tx.commit().await.unwrap();
-    }
-    ids
-}
-
-fn read_ids(topic: String, want: usize, limit: Duration) -> Vec<String> {
-    ids_of(&consume(&[topic], want, Duration::from_secs(2), limit))
+async fn read_ids(topic: String, want: usize, limit: Duration) -> Vec<String> {
+    ids_of(&consume_async(&[topic], want, Duration::from_secs(2), limit).await)
 }
 
 /// The `factlib-id` of each record.
@@ -157,9 +125,7 @@ async fn kafka_outage_holds_the_slot_and_bounds_memory_then_delivers_everything(
 
     let before = emit_ids(&prefix, 10, 10, 0).await;
     let t = topic.clone();
-    let got = tokio::task::spawn_blocking(move || read_ids(t, 100, Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let got = read_ids(t, 100, Duration::from_secs(60)).await;
     check_all(&before, &got);
 
     stop_kafka().await;
@@ -183,11 +149,7 @@ async fn kafka_outage_holds_the_slot_and_bounds_memory_then_delivers_everything(
     let all: Vec<String> = before.iter().chain(&during).cloned().collect();
     let n = all.len();
     let t = topic.clone();
-    let records = tokio::task::spawn_blocking(move || {
-        consume(&[t], n, Duration::from_secs(2), Duration::from_secs(120))
-    })
-    .await
-    .unwrap();
+    let records = consume_async(&[t], n, Duration::from_secs(2), Duration::from_secs(120)).await;
     let got = ids_of(&records);
     let dups = check_all(&all, &got);
     println!("kafka outage: all {n} facts delivered after the restart, {dups} duplicates");
@@ -236,9 +198,7 @@ async fn postgres_restart_mid_stream_reconnects_and_loses_nothing() {
     let second = emit_ids(&prefix, 50, 10, 3_000).await;
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
     let n = all.len();
-    let got = tokio::task::spawn_blocking(move || read_ids(topic, n, Duration::from_secs(120)))
-        .await
-        .unwrap();
+    let got = read_ids(topic, n, Duration::from_secs(120)).await;
     let dups = check_all(&all, &got);
     println!("postgres restart: all {n} facts delivered, {dups} duplicates");
     let out = stop_ok(child).await;
@@ -328,12 +288,30 @@ async fn a_relay_started_while_kafka_is_away_waits_quietly_then_delivers() {
 /// confirm nothing unacknowledged, and a later relay delivers everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_kafka_outage_exits_and_a_restart_delivers_everything() {
+    sigterm_during_a_kafka_outage(false).await;
+}
+
+/// The same with `--delivery exactly-once`, and no duplicates: the open
+/// Kafka transaction is given up (not committed, not confirmed) and a
+/// restart delivers it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_sigterm_during_a_kafka_outage_exits_and_a_restart_delivers_once() {
+    sigterm_during_a_kafka_outage(true).await;
+}
+
+async fn sigterm_during_a_kafka_outage(exactly_once: bool) {
     let _serial = SERIAL.lock().await;
-    let (slot, publication) = (unique("fstop"), unique("pub"));
+    let (slot, publication) = (
+        unique(if exactly_once { "eostop" } else { "fstop" }),
+        unique("pub"),
+    );
     let prefix = format!("p{slot}");
     let topic = format!("{prefix}.order");
     setup(&slot, &publication).await;
     let small = |mut cmd: tokio::process::Command| {
+        if exactly_once {
+            cmd.args(["--delivery", "exactly-once"]);
+        }
         cmd.args([
             "--rings",
             "2",
@@ -349,9 +327,7 @@ async fn sigterm_during_a_kafka_outage_exits_and_a_restart_delivers_everything()
     let child = spawn(small(relay(&slot, &publication, &prefix)));
     let before = emit_ids(&prefix, 10, 10, 0).await;
     let t = topic.clone();
-    let got = tokio::task::spawn_blocking(move || read_ids(t, 100, Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let got = read_ids(t, 100, Duration::from_secs(60)).await;
     check_all(&before, &got);
 
     stop_kafka().await;
@@ -367,13 +343,12 @@ async fn sigterm_during_a_kafka_outage_exits_and_a_restart_delivers_everything()
     let all: Vec<String> = before.iter().chain(&during).cloned().collect();
     let n = all.len();
     let t = topic.clone();
-    let records = tokio::task::spawn_blocking(move || {
-        consume(&[t], n, Duration::from_secs(2), Duration::from_secs(120))
-    })
-    .await
-    .unwrap();
+    let records = consume_async(&[t], n, Duration::from_secs(2), Duration::from_secs(120)).await;
     let dups = check_all(&all, &ids_of(&records));
     println!("sigterm in an outage: all {n} facts delivered after a restart, {dups} duplicates");
+    if exactly_once {
+        assert_eq!(dups, 0, "exactly-once: no duplicates");
+    }
     let first_commit = commit_lsn_of(&records, &during[0]);
     assert!(
         confirmed < first_commit,
@@ -453,9 +428,7 @@ async fn exactly_once_through_a_kafka_restart_loses_and_duplicates_nothing() {
     let pid = child.id().unwrap();
     let before = emit_ids(&prefix, 10, 10, 0).await;
     let t = topic.clone();
-    let got = tokio::task::spawn_blocking(move || read_ids(t, 100, Duration::from_secs(60)))
-        .await
-        .unwrap();
+    let got = read_ids(t, 100, Duration::from_secs(60)).await;
     check_exactly_once(&before, &got);
 
     stop_kafka().await;
@@ -479,9 +452,7 @@ async fn exactly_once_through_a_kafka_restart_loses_and_duplicates_nothing() {
         .collect();
     let n = all.len();
     let t = topic.clone();
-    let got = tokio::task::spawn_blocking(move || read_ids(t, n, Duration::from_secs(180)))
-        .await
-        .unwrap();
+    let got = read_ids(t, n, Duration::from_secs(180)).await;
     check_exactly_once(&all, &got);
     println!(
         "exactly-once through a Kafka restart: {n} facts, 0 lost, 0 duplicates; relay peak RSS {} MiB while Kafka was away",
@@ -514,9 +485,7 @@ async fn exactly_once_through_a_postgres_crash_loses_and_duplicates_nothing() {
     let second = emit_ids(&prefix, 50, 10, 3_000).await;
     let mut all: Vec<String> = first.iter().chain(&second).cloned().collect();
     let (t, n) = (topic.clone(), all.len());
-    let got = tokio::task::spawn_blocking(move || read_ids(t, n, Duration::from_secs(120)))
-        .await
-        .unwrap();
+    let got = read_ids(t, n, Duration::from_secs(120)).await;
     check_exactly_once(&all, &got);
     // Crash PostgreSQL again, then kill the relay: the next one starts from
     // whatever the slot remembers.
@@ -531,9 +500,7 @@ async fn exactly_once_through_a_postgres_crash_loses_and_duplicates_nothing() {
     let child = spawn(eo_relay(&slot, &publication, &prefix));
     all.extend(emit_ids(&prefix, 20, 10, 6_000).await);
     let (t, n) = (topic.clone(), all.len());
-    let got = tokio::task::spawn_blocking(move || read_ids(t, n, Duration::from_secs(120)))
-        .await
-        .unwrap();
+    let got = read_ids(t, n, Duration::from_secs(120)).await;
     check_exactly_once(&all, &got);
     println!(
         "exactly-once through PostgreSQL crashes: {} facts, 0 lost, 0 duplicates",

@@ -1,14 +1,17 @@
-//! The ack ledger: delivery reports from the sink, back to the stream's
-//! units.
+//! The ack ledger: delivery reports (or, exactly-once, commits) from the
+//! sink, back to the stream's units.
 //!
 //! ```text
 //!  progress::Stream ──token──► Acks::opaque ──(generation, token) packed──► Record.opaque
-//!  librdkafka delivery report / flusher failure ──Delivery──► channel ──► Acks::apply ──► Stream::ack
+//!  at-least-once: delivery report / flusher failure ──Delivery──► channel ──► Acks::apply ──► Stream::ack
+//!  exactly-once:  Delivery::Committed(last opaque) ──► Acks::apply ──► Stream::ack_through
+//!                 Acks::settle ──Command::Reset──► txn flusher ──Delivery::Reset──► Acks::apply
 //! ```
 //!
 //! Owns the packing of a token into rdkafka's `DeliveryOpaque`, the
 //! connection generation, the count of records handed to the sink and not
-//! yet acknowledged, and waiting for acks.
+//! yet acknowledged, the command channel to the transaction flusher, and
+//! waiting for acks.
 //!
 //! **Invariants**
 //! - An ack applies only to the connection generation that issued its
@@ -19,7 +22,11 @@
 //!   ring (its session ended first) has no ack coming. Its unit stays
 //!   unconfirmed, so it is streamed again.
 //! - A permanent delivery failure is an error: nothing after the failed
-//!   fact is confirmed.
+//!   fact is confirmed. In exactly-once mode only a record refused for
+//!   good is; any other failed record fails its transaction's commit.
+//! - Exactly-once: per-record reports never ack anything; the stream is
+//!   restarted only after the flusher answered a reset, so every commit of
+//!   the old session was applied first.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,14 +136,14 @@ impl Acks {
                     opaque,
                     records,
                     bytes,
-                    through,
+                    ..
                 }) => {
                     let o = Opaque::from_raw(opaque);
                     if o.generation == self.generation {
                         stream.ack_through(o.token)?;
                         self.outstanding = self.outstanding.saturating_sub(records);
                     }
-                    telemetry::committed(u64::try_from(records).unwrap_or(0), bytes, through);
+                    telemetry::acked(u64::try_from(records).unwrap_or(0), bytes);
                 }
                 Ok(Delivery::Failed {
                     topic,
@@ -187,26 +194,13 @@ impl Acks {
         commands
             .send(Command::Reset)
             .map_err(|_| RelayError::Internal("the transaction flusher is gone"))?;
-        let deadline = limit.map(|l| Instant::now() + l);
-        loop {
-            self.apply(stream)?;
-            if self.reset_answered {
-                self.outstanding = 0;
-                return Ok(Drained::All);
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(Drained::TimedOut);
-            }
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                _ = stop.changed(), if limit.is_none() => {
-                    if *stop.borrow() {
-                        return Ok(Drained::Stopped);
-                    }
-                }
-            }
+        let settled = self
+            .wait_until(stream, stop, limit, |a| a.reset_answered)
+            .await?;
+        if settled == Drained::All {
+            self.outstanding = 0;
         }
+        Ok(settled)
     }
 
     /// Resolves when a report may have arrived.
@@ -222,10 +216,23 @@ impl Acks {
         stop: &mut watch::Receiver<bool>,
         limit: Option<Duration>,
     ) -> Result<Drained, RelayError> {
+        self.wait_until(stream, stop, limit, |a| a.outstanding == 0)
+            .await
+    }
+
+    /// Applies reports until `done`, `limit` passes, or (with no limit) a
+    /// stop is requested.
+    async fn wait_until(
+        &mut self,
+        stream: &mut Stream,
+        stop: &mut watch::Receiver<bool>,
+        limit: Option<Duration>,
+        done: impl Fn(&Self) -> bool,
+    ) -> Result<Drained, RelayError> {
         let deadline = limit.map(|l| Instant::now() + l);
         loop {
             self.apply(stream)?;
-            if self.outstanding == 0 {
+            if done(self) {
                 return Ok(Drained::All);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {

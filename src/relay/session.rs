@@ -9,6 +9,8 @@
 //!
 //! **Invariants**
 //! - The position confirmed is the stream's watermark, never more.
+//! - Exactly-once: nothing is streamed before the checkpoint is read, and a
+//!   fact the checkpoint covers is acked at once and never delivered.
 //! - A stop takes effect only between transactions, and then waits for the
 //!   facts in flight (up to the shutdown timeout) before the final confirm.
 //! - A transient error ends the session as [`Ended::Lost`], a definite one

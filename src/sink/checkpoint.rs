@@ -116,7 +116,10 @@ pub fn read(
         .set("group.id", "factlib-checkpoint-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed");
+        .set("isolation.level", "read_committed")
+        // The broker holds a fetch that finds nothing new for this long;
+        // the default (500 ms) would be added to every start.
+        .set("fetch.wait.max.ms", "10");
     for (k, v) in sink.extra.iter().filter(|(k, _)| is_client_property(k)) {
         c.set(k, v);
     }
@@ -167,23 +170,12 @@ struct Quiet;
 
 impl ClientContext for Quiet {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info | RDKafkaLogLevel::Debug => {
-                tracing::debug!(target: "librdkafka", "{fac} {log_message}");
-            }
-            _ => crate::telemetry::KafkaTrouble {
-                message: &format_args!("{fac} {log_message}"),
-            }
-            .emit(),
-        }
+        super::kafka::librdkafka_log(level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
-            crate::telemetry::KafkaTrouble {
-                message: &format_args!("{error}: {reason}"),
-            }
-            .emit();
+            super::kafka::librdkafka_error(&error, reason);
         }
     }
 }

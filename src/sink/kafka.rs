@@ -13,6 +13,9 @@
 //!   delivered or fails for good, so a delivery error is a *permanent* one.
 //! - A full producer queue hands the record back to the caller; nothing is
 //!   buffered without bound.
+//! - Transactional (exactly-once) producers get delivery reports only for
+//!   failures: progress comes from `commit_transaction`, and the admin
+//!   client made for topic creation never carries the `transactional.id`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,23 +150,34 @@ pub struct AckContext {
 
 impl ClientContext for AckContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info | RDKafkaLogLevel::Debug => {
-                tracing::debug!(target: "librdkafka", "{fac} {log_message}");
-            }
-            _ => crate::telemetry::KafkaTrouble {
-                message: &format_args!("{fac} {log_message}"),
-            }
-            .emit(),
-        }
+        librdkafka_log(level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        crate::telemetry::KafkaTrouble {
-            message: &format_args!("{error}: {reason}"),
-        }
-        .emit();
+        librdkafka_error(&error, reason);
     }
+}
+
+/// Where librdkafka's log lines go: chatter to debug, warnings and worse
+/// into the rate-limited trouble line.
+pub fn librdkafka_log(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+    match level {
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info | RDKafkaLogLevel::Debug => {
+            tracing::debug!(target: "librdkafka", "{fac} {log_message}");
+        }
+        _ => crate::telemetry::KafkaTrouble {
+            message: &format_args!("{fac} {log_message}"),
+        }
+        .emit(),
+    }
+}
+
+/// Where librdkafka's client-wide errors go: the rate-limited trouble line.
+pub fn librdkafka_error(error: &KafkaError, reason: &str) {
+    crate::telemetry::KafkaTrouble {
+        message: &format_args!("{error}: {reason}"),
+    }
+    .emit();
 }
 
 impl ProducerContext for AckContext {
@@ -463,7 +477,17 @@ impl Transactional for KafkaProducer {
     }
 
     fn commit(&mut self, timeout: Duration) -> Result<(), TxnError> {
-        self.producer.commit_transaction(timeout).map_err(classify)
+        // rdkafka's commit_transaction flushes first, and its flush waits in
+        // polls of up to 100 ms for delivery events, which (delivery reports
+        // only for errors, and a background thread polling too) mostly never
+        // come: a commit took about 100 ms longer than Kafka did. Waiting
+        // here for the queue to empty makes that flush return at once.
+        let deadline = std::time::Instant::now() + timeout;
+        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        self.producer.commit_transaction(left).map_err(classify)
     }
 
     fn abort(&mut self, timeout: Duration) -> Result<(), TxnError> {

@@ -26,7 +26,9 @@
 //!   once; from then on every record is dropped and nothing is committed.
 //! - Once the rings close and the ring is empty the thread ends: an open
 //!   transaction is committed if it ends on a unit boundary, aborted
-//!   otherwise.
+//!   otherwise. With Kafka away, each of those gives up
+//!   [`GIVE_UP_AFTER_CLOSE`] after the close, so the process can exit; what
+//!   was not committed was not confirmed either.
 
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -37,6 +39,7 @@ use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use super::checkpoint;
+use super::flusher::GIVE_UP_AFTER_CLOSE;
 use super::kafka::{Delivery, SendOutcome};
 use super::record::Record;
 use super::SinkError;
@@ -140,6 +143,24 @@ pub fn spawn<P: Transactional>(
         })
 }
 
+/// How long a call that keeps failing retriably (Kafka away) is retried:
+/// for ever while the rings are open, [`GIVE_UP_AFTER_CLOSE`] once they
+/// close (the relay is exiting; what was not committed was not confirmed).
+#[derive(Default)]
+struct Patience {
+    closed_since: Option<Instant>,
+}
+
+impl Patience {
+    fn exhausted(&mut self, rings: &Rings<Record>) -> bool {
+        if rings.is_closed() {
+            self.closed_since.get_or_insert_with(Instant::now);
+        }
+        self.closed_since
+            .is_some_and(|t| t.elapsed() >= GIVE_UP_AFTER_CLOSE)
+    }
+}
+
 /// The open Kafka transaction.
 struct Open {
     since: Instant,
@@ -197,7 +218,7 @@ impl<P: Transactional> TxnFlusher<P> {
                 if self.open.is_some() && self.state == State::Running {
                     // A partial unit: it was never confirmed, so it is
                     // streamed again on the next start.
-                    self.abort();
+                    self.abort(rings);
                 }
                 return;
             }
@@ -226,7 +247,7 @@ impl<P: Transactional> TxnFlusher<P> {
                     if self.state == State::Running {
                         match self.open.as_ref().map(|o| o.boundary.is_some()) {
                             Some(true) => self.commit(rings),
-                            Some(false) => self.abort(),
+                            Some(false) => self.abort(rings),
                             None => {}
                         }
                     }
@@ -257,7 +278,7 @@ impl<P: Transactional> TxnFlusher<P> {
         }
         if self.open.is_none() {
             if let Err(e) = self.producer.begin() {
-                self.failed("begin", e);
+                self.failed("begin", e, rings);
                 return;
             }
             self.open = Some(Open {
@@ -290,19 +311,16 @@ impl<P: Transactional> TxnFlusher<P> {
     /// rings closed while Kafka kept the queue full).
     fn send(&mut self, mut rec: Record, rings: &Rings<Record>) -> bool {
         let mut wait = Duration::from_micros(100);
-        let mut closed_full_since = None;
+        let mut patience = Patience::default();
         loop {
             match self.producer.send(rec) {
                 Ok(SendOutcome::Queued) => return true,
                 Ok(SendOutcome::Full(back)) => {
                     rec = back;
-                    if rings.is_closed() {
-                        let since = *closed_full_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= super::flusher::GIVE_UP_AFTER_CLOSE {
-                            self.abort();
-                            self.state = State::Dead;
-                            return false;
-                        }
+                    if patience.exhausted(rings) {
+                        self.abort(rings);
+                        self.state = State::Dead;
+                        return false;
                     }
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_millis(50));
@@ -324,6 +342,7 @@ impl<P: Transactional> TxnFlusher<P> {
                             kind: TxnErrorKind::Abortable,
                             error,
                         },
+                        rings,
                     );
                     return false;
                 }
@@ -359,23 +378,19 @@ impl<P: Transactional> TxnFlusher<P> {
         if !self.send(cp, rings) {
             return;
         }
-        let mut closed_since = None;
+        let mut patience = Patience::default();
+        let started = Instant::now();
         loop {
-            if rings.is_closed() {
-                closed_since.get_or_insert_with(Instant::now);
-            }
-            let give_up = closed_since
-                .is_some_and(|t: Instant| t.elapsed() >= super::flusher::GIVE_UP_AFTER_CLOSE);
             match self.producer.commit(COMMIT_TIMEOUT) {
                 Ok(()) => break,
-                Err(e) if e.kind == TxnErrorKind::Retriable && !give_up => {
+                Err(e) if e.kind == TxnErrorKind::Retriable && !patience.exhausted(rings) => {
                     crate::telemetry::KafkaTrouble {
                         message: &format_args!("committing a transaction: {}; retrying", e.error),
                     }
                     .emit();
                 }
                 Err(e) => {
-                    self.failed("commit", e);
+                    self.failed("commit", e, rings);
                     return;
                 }
             }
@@ -383,6 +398,12 @@ impl<P: Transactional> TxnFlusher<P> {
         let (records, bytes) = match self.open.take() {
             Some(o) => {
                 crate::telemetry::latencies_since_ms(&o.created);
+                crate::telemetry::transaction_committed(
+                    o.records,
+                    through,
+                    started.duration_since(o.since),
+                    started.elapsed(),
+                );
                 (o.records, o.bytes)
             }
             None => (0, 0),
@@ -396,15 +417,22 @@ impl<P: Transactional> TxnFlusher<P> {
         });
     }
 
-    /// Aborts the open transaction, if any. A failure to abort is fatal.
-    fn abort(&mut self) {
+    /// Aborts the open transaction, if any. A failure to abort is fatal; so
+    /// is a retriable one that lasts [`GIVE_UP_AFTER_CLOSE`] after the rings
+    /// closed (Kafka away while the relay exits: the coordinator aborts the
+    /// transaction on its timeout, or the next relay's `init_transactions`
+    /// does).
+    fn abort(&mut self, rings: &Rings<Record>) {
         if self.open.take().is_none() {
             return;
         }
+        let mut patience = Patience::default();
         loop {
             match self.producer.abort(COMMIT_TIMEOUT) {
                 Ok(()) => return,
-                Err(e) if e.kind == TxnErrorKind::Retriable => continue,
+                Err(e) if e.kind == TxnErrorKind::Retriable && !patience.exhausted(rings) => {
+                    continue
+                }
                 Err(e) => {
                     self.state = State::Dead;
                     self.report(Delivery::Broken(SinkError::TransactionFatal {
@@ -419,7 +447,7 @@ impl<P: Transactional> TxnFlusher<P> {
 
     /// A transactional call failed: abort if the producer allows it, and
     /// tell the relay.
-    fn failed(&mut self, op: &'static str, e: TxnError) {
+    fn failed(&mut self, op: &'static str, e: TxnError, rings: &Rings<Record>) {
         match e.kind {
             TxnErrorKind::Fatal => {
                 self.open = None;
@@ -431,7 +459,7 @@ impl<P: Transactional> TxnFlusher<P> {
             }
             TxnErrorKind::Abortable | TxnErrorKind::Retriable => {
                 // After a failed `begin` nothing is open to abort.
-                self.abort();
+                self.abort(rings);
                 if self.state == State::Running {
                     self.state = State::Aborted;
                     self.report(Delivery::Broken(SinkError::TransactionAborted {
@@ -483,6 +511,8 @@ mod tests {
     struct Fake {
         calls: Arc<Mutex<Vec<Call>>>,
         fail_commit: Arc<Mutex<Vec<TxnErrorKind>>>,
+        /// Every abort fails this way (Kafka away).
+        abort_fails: Arc<Mutex<Option<TxnErrorKind>>>,
     }
 
     fn err(kind: TxnErrorKind) -> TxnError {
@@ -514,8 +544,17 @@ mod tests {
             }
         }
         fn abort(&mut self, _: Duration) -> Result<(), TxnError> {
-            self.calls.lock().unwrap().push(Call::Abort);
-            Ok(())
+            let mut calls = self.calls.lock().unwrap();
+            if calls.last() != Some(&Call::Abort) {
+                calls.push(Call::Abort);
+            }
+            match *self.abort_fails.lock().unwrap() {
+                Some(kind) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    Err(err(kind))
+                }
+                None => Ok(()),
+            }
         }
     }
 
@@ -689,6 +728,32 @@ mod tests {
             [Delivery::Broken(e)] => assert!(!e.is_transient(), "{e}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The hang this prevents: exiting while Kafka is away, the abort of a
+    /// partial unit's transaction was retried for ever.
+    #[test]
+    fn an_abort_that_keeps_timing_out_after_close_is_given_up() {
+        let fake = Fake::default();
+        *fake.abort_fails.lock().unwrap() = Some(TxnErrorKind::Retriable);
+        let (done, exited) = std::sync::mpsc::channel();
+        let f = fake.clone();
+        std::thread::spawn(move || {
+            let r = run(vec![rec(1, Some(0x100)), rec(2, None)], &[], 1000, f);
+            let _ = done.send(r.reports.len());
+        });
+        // Far beyond GIVE_UP_AFTER_CLOSE: not a speed bound, a hang detector.
+        let reports = exited.recv_timeout(Duration::from_secs(60));
+        assert_eq!(
+            reports,
+            Ok(1),
+            "the flusher exits and reports the abort failed"
+        );
+        assert_eq!(
+            *fake.calls.lock().unwrap().last().unwrap(),
+            Call::Abort,
+            "nothing is committed"
+        );
     }
 
     #[test]

@@ -267,6 +267,46 @@ pub fn consume(topics: &[String], want: usize, settle: Duration, limit: Duration
     }
 }
 
+/// Fact `i` of the fault and exactly-once tests: an order, one of 11 keys.
+pub fn order_fact(i: usize) -> factlib::emit::NewFact {
+    factlib::emit::NewFact {
+        aggregate_type: "order".into(),
+        aggregate_id: format!("a{}", i % 11),
+        event_type: "order.changed".into(),
+        payload: bytes::Bytes::from(format!("{{\"i\":{i}}}")),
+        ..Default::default()
+    }
+}
+
+/// Emits `txns` transactions of `per` facts ([`order_fact`] from `offset`
+/// on); returns the ids in commit order.
+pub async fn emit_ids(prefix: &str, txns: usize, per: usize, offset: usize) -> Vec<String> {
+    let mut c = sql().await;
+    let mut ids = Vec::new();
+    for t in 0..txns {
+        let tx = c.transaction().await.unwrap();
+        for i in 0..per {
+            let f = factlib::emit::emit(&tx, prefix, order_fact(offset + t * per + i)).await;
+            ids.push(f.unwrap().0.id);
+        }
+        tx.commit().await.unwrap();
+    }
+    ids
+}
+
+/// [`consume`] on a blocking thread, from async tests.
+pub async fn consume_async(
+    topics: &[String],
+    want: usize,
+    settle: Duration,
+    limit: Duration,
+) -> Vec<Consumed> {
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || consume(&topics, want, settle, limit))
+        .await
+        .expect("the consumer thread")
+}
+
 /// `factlib relay` with test-friendly settings: topics created, 3
 /// partitions, fast confirms and progress lines.
 pub fn relay(slot: &str, publication: &str, prefix: &str) -> Command {
