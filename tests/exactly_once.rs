@@ -233,7 +233,11 @@ async fn a_frozen_relay_is_fenced_by_its_successor_and_confirms_nothing() {
     signal(&a, "CONT").await;
     let out = wait_exit(a, Duration::from_secs(90)).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "the zombie must fail:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the zombie must fail:\n{stderr}"
+    );
     assert!(stderr.contains("fenced"), "says it was fenced:\n{stderr}");
     assert_eq!(
         stderr.matches("confirmed=").count(),
