@@ -55,25 +55,25 @@ async fn read(topics: &[String], want: usize, limit: Duration) -> Vec<Consumed> 
 
 /// Each partition's high watermark (end offset) of `topic`.
 fn end_offsets(topic: &str) -> HashMap<i32, i64> {
+    try_end_offsets(topic).expect("end offsets")
+}
+
+/// [`end_offsets`], or the error while the topic is new (no leader yet).
+fn try_end_offsets(topic: &str) -> Result<HashMap<i32, i64>, rdkafka::error::KafkaError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     // read_uncommitted: the offsets asked for are the log ends, not the
     // last stable offsets.
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("isolation.level", "read_uncommitted")
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
+        .create()?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     md.topics()
         .iter()
         .flat_map(|t| t.partitions())
         .map(|p| {
-            let (_, high) = c
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .unwrap();
-            (p.id(), high)
+            let (_, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            Ok((p.id(), high))
         })
         .collect()
 }
@@ -192,7 +192,9 @@ async fn a_frozen_relay_is_fenced_by_its_successor_and_confirms_nothing() {
     let t = topic.clone();
     tokio::task::spawn_blocking(move || {
         for _ in 0..120 {
-            if end_offsets(&t).values().sum::<i64>() >= 200 {
+            // A just-created topic may not have a leader yet: try again.
+            let written = try_end_offsets(&t).map_or(0, |o| o.values().sum::<i64>());
+            if written >= 200 {
                 return;
             }
             std::thread::sleep(Duration::from_millis(500));
