@@ -111,15 +111,7 @@ async fn kafka_outage_holds_the_slot_and_bounds_memory_then_delivers_everything(
     let topic = format!("{prefix}.order");
     setup(&slot, &publication).await;
     let mut cmd = relay(&slot, &publication, &prefix);
-    // Small buffers, so the outage exercises backpressure into the WAL reader.
-    cmd.args([
-        "--rings",
-        "2",
-        "--ring-capacity",
-        "16",
-        "--queue-messages",
-        "200",
-    ]);
+    small_buffers(&mut cmd);
     let mut child = spawn(cmd);
     let pid = child.id().unwrap();
 
@@ -391,6 +383,19 @@ async fn restart_postgres(mode: &str) {
     );
 }
 
+/// Small buffers, so a Kafka outage exercises backpressure into the WAL
+/// reader.
+fn small_buffers(cmd: &mut tokio::process::Command) {
+    cmd.args([
+        "--rings",
+        "2",
+        "--ring-capacity",
+        "16",
+        "--queue-messages",
+        "200",
+    ]);
+}
+
 /// `factlib relay --delivery exactly-once` with the test settings.
 fn eo_relay(slot: &str, publication: &str, prefix: &str) -> tokio::process::Command {
     let mut c = relay(slot, publication, prefix);
@@ -416,14 +421,7 @@ async fn exactly_once_through_a_kafka_restart_loses_and_duplicates_nothing() {
     let topic = format!("{prefix}.order");
     setup(&slot, &publication).await;
     let mut cmd = eo_relay(&slot, &publication, &prefix);
-    cmd.args([
-        "--rings",
-        "2",
-        "--ring-capacity",
-        "16",
-        "--queue-messages",
-        "200",
-    ]);
+    small_buffers(&mut cmd);
     let mut child = spawn(cmd);
     let pid = child.id().unwrap();
     let before = emit_ids(&prefix, 10, 10, 0).await;

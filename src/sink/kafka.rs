@@ -483,7 +483,7 @@ impl Transactional for KafkaProducer {
         // come: a commit took about 100 ms longer than Kafka did. Waiting
         // here for the queue to empty makes that flush return at once.
         let deadline = std::time::Instant::now() + timeout;
-        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+        while self.in_flight() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
         let left = deadline.saturating_duration_since(std::time::Instant::now());

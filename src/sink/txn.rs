@@ -515,6 +515,15 @@ mod tests {
         abort_fails: Arc<Mutex<Option<TxnErrorKind>>>,
     }
 
+    impl Fake {
+        /// A producer whose next commit fails as `kind`.
+        fn failing_commit(kind: TxnErrorKind) -> Self {
+            let fake = Fake::default();
+            fake.fail_commit.lock().unwrap().push(kind);
+            fake
+        }
+    }
+
     fn err(kind: TxnErrorKind) -> TxnError {
         TxnError {
             kind,
@@ -695,11 +704,7 @@ mod tests {
     #[test]
     fn an_abortable_commit_failure_aborts_and_waits_for_a_reset() {
         use Call::*;
-        let fake = Fake::default();
-        fake.fail_commit
-            .lock()
-            .unwrap()
-            .push(TxnErrorKind::Abortable);
+        let fake = Fake::failing_commit(TxnErrorKind::Abortable);
         let recs = vec![rec(1, Some(0x100)), rec(2, Some(0x200))];
         let r = run(recs, &[], 1, fake);
         assert_eq!(
@@ -716,8 +721,7 @@ mod tests {
     #[test]
     fn a_fatal_commit_failure_is_definite_and_ends_sending() {
         use Call::*;
-        let fake = Fake::default();
-        fake.fail_commit.lock().unwrap().push(TxnErrorKind::Fatal);
+        let fake = Fake::failing_commit(TxnErrorKind::Fatal);
         let recs = vec![rec(1, Some(0x100)), rec(2, Some(0x200))];
         let r = run(recs, &[], 1, fake);
         assert_eq!(
@@ -759,11 +763,7 @@ mod tests {
     #[test]
     fn a_retriable_commit_failure_is_retried() {
         use Call::*;
-        let fake = Fake::default();
-        fake.fail_commit
-            .lock()
-            .unwrap()
-            .push(TxnErrorKind::Retriable);
+        let fake = Fake::failing_commit(TxnErrorKind::Retriable);
         let r = run(vec![rec(1, Some(0x100))], &[Command::Flush], 1000, fake);
         assert_eq!(
             r.calls,
