@@ -14,7 +14,7 @@ perf_setup() {
         F="$FACTLIB_BIN"    # compare builds: FACTLIB_BIN=/path/to/factlib perf/drain ...
     else
         cargo build --release --quiet
-        F="$ROOT/target/release/factlib"
+        F="${CARGO_TARGET_DIR:-$ROOT/target}/release/factlib"
     fi
     PSQL=(psql -X -q -v ON_ERROR_STOP=1 "$FACTLIB_DATABASE_URL")
 }

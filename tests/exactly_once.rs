@@ -522,3 +522,109 @@ async fn a_checkpoint_beyond_the_servers_wal_is_refused_until_reset() {
     stop_ok(relay).await;
     teardown(&slot, &publication).await;
 }
+
+/// The checkpoint reader reads back from the end in growing windows: it
+/// must still find the newest committed checkpoint of its source behind
+/// thousands of other sources' records, skip an aborted one, and say
+/// "none" for an empty topic and for a topic without its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_reader_finds_its_newest_committed_record_far_back() {
+    use factlib::sink::checkpoint::{read, value, Source};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+
+    let topic = format!("{}.checkpoints", unique("cpread"));
+    let admin: rdkafka::admin::AdminClient<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let new = rdkafka::admin::NewTopic::new(&topic, 1, rdkafka::admin::TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact");
+    admin
+        .create_topics([&new], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    let sink = factlib::sink::SinkSettings {
+        brokers: brokers(),
+        ..Default::default()
+    };
+    let source = |slot: &str| {
+        Source {
+            system_id: "7".into(),
+            database: "factlib".into(),
+            slot: slot.into(),
+        }
+        .key()
+    };
+    let (mine, other) = (source("mine"), source("other"));
+    let read_now = |key: bytes::Bytes| {
+        let (sink, topic) = (sink.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || read(&sink, &topic, &key, Duration::from_secs(30)))
+    };
+    // Metadata lags creation: retry until the reader sees the topic.
+    let mut empty = None;
+    for _ in 0..50 {
+        match read_now(mine.clone()).await.unwrap() {
+            Ok(c) => {
+                empty = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    assert_eq!(empty, Some(None), "an empty topic holds no checkpoint");
+
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", format!("{topic}-writer"))
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    let write = |key: &bytes::Bytes, lsn: &str, n: usize, commit: bool| {
+        producer.begin_transaction().unwrap();
+        let v = value(lsn.parse().unwrap());
+        for _ in 0..n {
+            loop {
+                match producer.send(
+                    BaseRecord::to(&topic)
+                        .key(&key[..])
+                        .payload(&v[..])
+                        .partition(0),
+                ) {
+                    Ok(()) => break,
+                    Err(_) => producer.poll(Duration::from_millis(10)),
+                }
+            }
+        }
+        if commit {
+            producer
+                .commit_transaction(Duration::from_secs(30))
+                .unwrap();
+        } else {
+            producer.flush(Duration::from_secs(30)).unwrap();
+            producer.abort_transaction(Duration::from_secs(30)).unwrap();
+        }
+    };
+    write(&other, "0/1", 1, true);
+    assert_eq!(
+        read_now(mine.clone()).await.unwrap().unwrap(),
+        None,
+        "no record under this source's key"
+    );
+    write(&mine, "0/A", 1, true);
+    write(&other, "0/2", 3000, true);
+    write(&mine, "0/B", 1, true);
+    write(&other, "0/3", 5000, true);
+    // Aborted, and the newest: read_committed never sees it.
+    write(&mine, "0/FFFF", 1, false);
+    write(&other, "0/4", 10, true);
+    assert_eq!(
+        read_now(mine.clone()).await.unwrap().unwrap(),
+        Some("0/B".parse().unwrap()),
+        "the newest committed checkpoint of this source, about 5,000 records back"
+    );
+    assert_eq!(
+        read_now(other.clone()).await.unwrap().unwrap(),
+        Some("0/4".parse().unwrap())
+    );
+}

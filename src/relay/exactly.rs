@@ -150,25 +150,34 @@ impl Exactly {
             }
             .into());
         }
-        if !self.initialized {
-            let producer = self.producer.clone();
-            let init = off_thread("factlib-txn-init", move || {
-                producer.init_transactions(KAFKA_TIMEOUT)
-            });
-            match until_stopped(init, stop).await {
-                Some(r) => r?,
-                None => return Ok(Prepared::Stopped),
+        // init_transactions and making sure of the checkpoint topic do not
+        // depend on each other: they run together. C is read after both.
+        let init = async {
+            if self.initialized {
+                return Ok(());
             }
-            self.initialized = true;
-        }
+            let producer = self.producer.clone();
+            off_thread("factlib-txn-init", move || {
+                producer.init_transactions(KAFKA_TIMEOUT)
+            })
+            .await
+        };
+        let topic = async {
+            match self.checkpoint {
+                Some(_) => Ok(()),
+                None => self.topics.checkpoints(&self.topic).await,
+            }
+        };
+        let Some((init, topic)) = until_stopped(async { tokio::join!(init, topic) }, stop).await
+        else {
+            return Ok(Prepared::Stopped);
+        };
+        init?;
+        self.initialized = true;
+        topic?;
         let c = match self.checkpoint {
             Some(c) => c,
             None => {
-                let Some(ready) = until_stopped(self.topics.checkpoints(&self.topic), stop).await
-                else {
-                    return Ok(Prepared::Stopped);
-                };
-                ready?;
                 let (sink, topic) = (self.sink.clone(), self.topic.clone());
                 let read = off_thread("factlib-checkpoint", move || {
                     checkpoint::read(&sink, &topic, &key, KAFKA_TIMEOUT)

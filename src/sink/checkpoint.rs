@@ -18,7 +18,8 @@
 //!   commit LSNs can (a lone message's reported LSN can equal the next
 //!   transaction's commit LSN). See [`Checkpoint::covers`].
 //! - [`read`] returns only checkpoints of committed transactions
-//!   (`isolation.level=read_committed`), up to the end of the partition.
+//!   (`isolation.level=read_committed`): the newest one under the key, up
+//!   to the end of the partition.
 
 use std::time::{Duration, Instant};
 
@@ -98,9 +99,18 @@ pub fn parse(value: &[u8]) -> Result<Lsn, String> {
         .map_err(|_| format!("{:?} is not an LSN", v.lsn))
 }
 
-/// Reads `topic` (partition 0) to its end with `read_committed` and returns
-/// the newest checkpoint under `key`, if any. Blocks up to about twice
-/// `timeout`. A missing topic is [`SinkError::CheckpointTopicMissing`].
+/// The first window [`read`] reads back from the end of the partition;
+/// each next one reaches twice as far back.
+const FIRST_WINDOW: i64 = 64;
+
+/// Returns the newest checkpoint under `key` in `topic` (partition 0), read
+/// with `read_committed`, if any. Blocks up to about twice `timeout`. A
+/// missing topic is [`SinkError::CheckpointTopicMissing`].
+///
+/// It reads back from the end in windows that double, so a start costs
+/// about the same however long the topic is (the newest segment is never
+/// compacted, and one relay commits up to ten transactions a second): the
+/// newest record for the key is in the first window that holds one.
 pub fn read(
     sink: &SinkSettings,
     topic: &str,
@@ -134,11 +144,40 @@ pub fn read(
     if !exists {
         return Err(SinkError::CheckpointTopicMissing(topic.to_owned()));
     }
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, timeout)
+        .map_err(kafka)?;
+    let deadline = Instant::now() + timeout;
+    let mut end = high;
+    let mut window = FIRST_WINDOW;
+    while end > low {
+        let start = end.saturating_sub(window).max(low);
+        let found = newest_in(&consumer, topic, key, start..end, deadline)?;
+        if found.is_some() {
+            return Ok(found);
+        }
+        end = start;
+        window = window.saturating_mul(2);
+    }
+    Ok(None)
+}
+
+/// The newest checkpoint under `key` at an offset in `offsets`.
+fn newest_in(
+    consumer: &BaseConsumer<Quiet>,
+    topic: &str,
+    key: &[u8],
+    offsets: std::ops::Range<i64>,
+    deadline: Instant,
+) -> Result<Option<Lsn>, SinkError> {
+    let kafka = |source: KafkaError| SinkError::Checkpoint {
+        topic: topic.to_owned(),
+        source,
+    };
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+    tpl.add_partition_offset(topic, 0, Offset::Offset(offsets.start))
         .map_err(kafka)?;
     consumer.assign(&tpl).map_err(kafka)?;
-    let deadline = Instant::now() + timeout;
     let mut found = None;
     loop {
         if Instant::now() >= deadline {
@@ -146,19 +185,27 @@ pub fn read(
                 RDKafkaErrorCode::OperationTimedOut,
             )));
         }
+        // Records of aborted transactions and transaction markers are not
+        // delivered, so the window ends at the first record past it or at
+        // the end of what is committed.
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(_))) => return Ok(found),
             Some(Err(e)) => return Err(kafka(e)),
-            Some(Ok(m)) if m.key() == Some(key) => {
-                let value = m.payload().unwrap_or_default();
-                found = Some(parse(value).map_err(|detail| SinkError::CheckpointCorrupt {
-                    topic: topic.to_owned(),
-                    offset: m.offset(),
-                    detail,
-                })?);
+            Some(Ok(m)) if m.offset() >= offsets.end => return Ok(found),
+            Some(Ok(m)) => {
+                if m.key() == Some(key) {
+                    let value = m.payload().unwrap_or_default();
+                    found = Some(parse(value).map_err(|detail| SinkError::CheckpointCorrupt {
+                        topic: topic.to_owned(),
+                        offset: m.offset(),
+                        detail,
+                    })?);
+                }
+                if m.offset() + 1 >= offsets.end {
+                    return Ok(found);
+                }
             }
-            Some(Ok(_)) => {}
         }
     }
 }

@@ -13,9 +13,14 @@
 //!   delivered or fails for good, so a delivery error is a *permanent* one.
 //! - A full producer queue hands the record back to the caller; nothing is
 //!   buffered without bound.
-//! - Transactional (exactly-once) producers get delivery reports only for
-//!   failures: progress comes from `commit_transaction`, and the admin
-//!   client made for topic creation never carries the `transactional.id`.
+//! - Transactional (exactly-once) producers turn only failed delivery
+//!   reports into [`Delivery`]: progress comes from `commit_transaction`.
+//!   The reports stay on (not `delivery.report.only.error`) so that
+//!   librdkafka frees delivered messages on the polling thread, not on its
+//!   broker thread, which builds and compresses every batch and is the
+//!   drain's narrowest stage (see perf/README.md).
+//! - The admin client made for topic creation never carries the
+//!   `transactional.id`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,6 +151,8 @@ pub enum Delivery {
 pub struct AckContext {
     acks: Sender<Delivery>,
     wake: Arc<tokio::sync::Notify>,
+    /// Exactly-once: a delivered record says nothing (its commit will).
+    transactional: bool,
 }
 
 impl ClientContext for AckContext {
@@ -185,6 +192,7 @@ impl ProducerContext for AckContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let d = match result {
+            Ok(_) if self.transactional => return,
             Ok(msg) => {
                 use rdkafka::Message as _;
                 if let rdkafka::Timestamp::CreateTime(ts) = msg.timestamp() {
@@ -267,8 +275,8 @@ impl KafkaProducer {
     /// Builds the producer. Acks go to `acks`; `wake` is notified after each.
     ///
     /// With a `transactional_id` the producer is transactional (call
-    /// [`KafkaProducer::init_transactions`] before anything else), and
-    /// delivery reports come only for failures: commits carry progress.
+    /// [`KafkaProducer::init_transactions`] before anything else), and only
+    /// failed deliveries reach `acks`: commits carry progress.
     pub fn new(
         cfg: &SinkSettings,
         transactional_id: Option<&str>,
@@ -293,14 +301,17 @@ impl KafkaProducer {
             .set("message.timeout.ms", "0")
             .set("topic.metadata.refresh.interval.ms", "30000");
         if let Some(id) = transactional_id {
-            c.set("transactional.id", id)
-                .set("delivery.report.only.error", "true");
+            c.set("transactional.id", id);
         }
         for (k, v) in &cfg.extra {
             c.set(k, v);
         }
         let producer = c
-            .create_with_context(AckContext { acks, wake })
+            .create_with_context(AckContext {
+                acks,
+                wake,
+                transactional: transactional_id.is_some(),
+            })
             .map_err(SinkError::Config)?;
         Ok(KafkaProducer {
             producer,
@@ -396,7 +407,6 @@ impl KafkaProducer {
             .config
             .clone()
             .remove("transactional.id")
-            .remove("delivery.report.only.error")
             .create()
             .map_err(SinkError::Config)?;
         let max_bytes = c.max_message_bytes.to_string();
@@ -478,9 +488,9 @@ impl Transactional for KafkaProducer {
 
     fn commit(&mut self, timeout: Duration) -> Result<(), TxnError> {
         // rdkafka's commit_transaction flushes first, and its flush waits in
-        // polls of up to 100 ms for delivery events, which (delivery reports
-        // only for errors, and a background thread polling too) mostly never
-        // come: a commit took about 100 ms longer than Kafka did. Waiting
+        // polls of up to 100 ms for delivery events, which (the background
+        // thread polls them first) mostly never reach it: a commit took
+        // about 100 ms longer than Kafka did. Waiting
         // here for the queue to empty makes that flush return at once.
         let deadline = std::time::Instant::now() + timeout;
         while self.in_flight() > 0 && std::time::Instant::now() < deadline {
@@ -498,6 +508,7 @@ impl Transactional for KafkaProducer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use rdkafka::mocking::MockCluster;
 
     #[test]
@@ -548,5 +559,68 @@ mod tests {
         assert_eq!(state("t"), TopicState::NotReady);
         mock.partition_leader("t", 1, Some(1)).unwrap();
         assert_eq!(state("t"), TopicState::Ready(3));
+    }
+
+    /// Exactly-once: a delivered record says nothing (the commit does), but
+    /// its report is still polled, so librdkafka frees it off its broker
+    /// thread. At-least-once: each delivered record is an ack.
+    #[test]
+    fn only_an_untransactional_producer_turns_deliveries_into_acks() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        let acks_of = |transactional_id: Option<&str>| {
+            let (tx, rx) = crossbeam::channel::unbounded();
+            let mut producer = KafkaProducer::new(
+                &SinkSettings {
+                    brokers: mock.bootstrap_servers(),
+                    ..SinkSettings::default()
+                },
+                transactional_id,
+                tx,
+                Arc::new(tokio::sync::Notify::new()),
+            )
+            .unwrap();
+            let record = |opaque: usize| Record {
+                topic: Arc::from("t"),
+                partition: 0,
+                key: None,
+                value: Bytes::from_static(b"v"),
+                headers: None,
+                bytes: 1,
+                opaque,
+                txn_end: None,
+                timestamp_ms: None,
+            };
+            if transactional_id.is_some() {
+                producer.init_transactions(Duration::from_secs(10)).unwrap();
+                Transactional::begin(&mut producer).unwrap();
+            }
+            for opaque in 1..=3 {
+                assert!(matches!(
+                    producer.send(record(opaque)),
+                    Ok(SendOutcome::Queued)
+                ));
+            }
+            if transactional_id.is_some() {
+                Transactional::commit(&mut producer, Duration::from_secs(10)).unwrap();
+            } else {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while producer.in_flight() > 0 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            assert_eq!(producer.in_flight(), 0, "every record was delivered");
+            rx.try_iter().collect::<Vec<_>>()
+        };
+        let acked = acks_of(None);
+        let opaques: Vec<usize> = acked
+            .iter()
+            .filter_map(|d| match d {
+                Delivery::Acked { opaque, .. } => Some(*opaque),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(opaques, [1, 2, 3]);
+        assert!(acks_of(Some("t-txn")).is_empty());
     }
 }

@@ -17,6 +17,10 @@ use std::time::Duration;
 use super::kafka::TopicState;
 use super::{KafkaProducer, SinkError};
 
+/// How long a topic may take to have a leader for every partition after
+/// it was found or created; past that, [`SinkError::NotReady`] (transient).
+const READY_WITHIN: Duration = Duration::from_secs(5);
+
 /// Settings of topics created by the relay (`--create-topics`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreateTopics {
@@ -87,12 +91,16 @@ impl Topics {
                 );
             }
         }
-        // Metadata lags creation, and leaders are elected after it.
-        for _ in 0..50 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // Metadata lags creation, and leaders are elected after it: usually
+        // tens of milliseconds, so look again soon, then less often.
+        let deadline = tokio::time::Instant::now() + READY_WITHIN;
+        let mut wait = Duration::from_millis(10);
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(wait).await;
             if let TopicState::Ready(n) = self.fetch(topic).await? {
                 return Ok(n);
             }
+            wait = (wait * 2).min(Duration::from_millis(100));
         }
         Err(SinkError::NotReady(topic.to_owned()))
     }
