@@ -107,20 +107,17 @@ const FIRST_WINDOW: i64 = 64;
 /// with `read_committed`, if any. Blocks up to about twice `timeout`. A
 /// missing topic is [`SinkError::CheckpointTopicMissing`].
 ///
-/// It reads back from the end in windows that double, so a start costs
-/// about the same however long the topic is (the newest segment is never
-/// compacted, and one relay commits up to ten transactions a second): the
-/// newest record for the key is in the first window that holds one.
+/// It reads back from the end in windows that double, so a start reads
+/// only as far back as the newest record for the key (the first window
+/// that holds one), not the whole topic: its newest segment is never
+/// compacted, and one relay commits up to ten transactions a second.
 pub fn read(
     sink: &SinkSettings,
     topic: &str,
     key: &[u8],
     timeout: Duration,
 ) -> Result<Option<Lsn>, SinkError> {
-    let kafka = |source: KafkaError| SinkError::Checkpoint {
-        topic: topic.to_owned(),
-        source,
-    };
+    let kafka = reading(topic);
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &sink.brokers)
         .set("group.id", "factlib-checkpoint-reader")
@@ -162,6 +159,14 @@ pub fn read(
     Ok(None)
 }
 
+/// A Kafka error while reading `topic`.
+fn reading(topic: &str) -> impl Fn(KafkaError) -> SinkError + Copy + '_ {
+    move |source| SinkError::Checkpoint {
+        topic: topic.to_owned(),
+        source,
+    }
+}
+
 /// The newest checkpoint under `key` at an offset in `offsets`.
 fn newest_in(
     consumer: &BaseConsumer<Quiet>,
@@ -170,10 +175,7 @@ fn newest_in(
     offsets: std::ops::Range<i64>,
     deadline: Instant,
 ) -> Result<Option<Lsn>, SinkError> {
-    let kafka = |source: KafkaError| SinkError::Checkpoint {
-        topic: topic.to_owned(),
-        source,
-    };
+    let kafka = reading(topic);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(offsets.start))
         .map_err(kafka)?;
