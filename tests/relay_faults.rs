@@ -304,16 +304,8 @@ async fn sigterm_during_a_kafka_outage(exactly_once: bool) {
         if exactly_once {
             cmd.args(["--delivery", "exactly-once"]);
         }
-        cmd.args([
-            "--rings",
-            "2",
-            "--ring-capacity",
-            "16",
-            "--queue-messages",
-            "100",
-            "--shutdown-timeout-secs",
-            "2",
-        ]);
+        small_buffers(&mut cmd);
+        cmd.args(["--shutdown-timeout-secs", "2"]);
         cmd
     };
     let child = spawn(small(relay(&slot, &publication, &prefix)));
