@@ -379,9 +379,10 @@ pub struct RelayArgs {
     #[arg(long, env = "FACTLIB_DELIVERY", value_enum, default_value_t = DeliveryArg::AtLeastOnce)]
     pub delivery: DeliveryArg,
 
-    /// Exactly-once: the producer's transactional.id; {slot} is replaced by
-    /// the slot name. Starting a relay fences any older one with the same
-    /// id. Keep one id per slot.
+    /// Exactly-once: the relay's two producers use this with -0 and -1
+    /// appended as their transactional.id; {slot} is replaced by the slot
+    /// name. Starting a relay fences any older one with the same id. Keep
+    /// one id per slot.
     #[arg(
         long,
         env = "FACTLIB_TRANSACTIONAL_ID",

@@ -12,10 +12,10 @@
 //! which writes it), C as read at start, and the count of dropped units.
 //!
 //! **Invariants**
-//! - `init_transactions` runs before C is read: it fences any older
-//!   producer with the same transactional id and aborts its open
-//!   transaction, so no checkpoint can be committed behind our back after
-//!   we read C.
+//! - `init_transactions` of both producers runs before C is read: it
+//!   fences any older producer with either transactional id and aborts its
+//!   open transaction, so no checkpoint can be committed behind our back
+//!   after we read C.
 //! - Nothing is streamed before C is known (or `--reset-checkpoint` said to
 //!   ignore it), and C never passes the server's WAL position.
 //! - C is read once per process. Later connections restart at the stream's
@@ -79,7 +79,8 @@ impl CheckpointError {
 
 /// What the relay needs to deliver exactly once.
 pub(super) struct Exactly {
-    producer: KafkaProducer,
+    /// The transaction flusher's two producers, for `init_transactions`.
+    producers: [KafkaProducer; 2],
     sink: SinkSettings,
     topics: Topics,
     topic: String,
@@ -105,7 +106,7 @@ pub(super) enum Prepared {
 
 impl Exactly {
     pub(super) fn new(
-        producer: KafkaProducer,
+        producers: [KafkaProducer; 2],
         sink: SinkSettings,
         topics: Topics,
         checkpoint_topic: String,
@@ -114,7 +115,7 @@ impl Exactly {
         source: Arc<OnceLock<Bytes>>,
     ) -> Self {
         Exactly {
-            producer,
+            producers,
             sink,
             topics,
             topic: checkpoint_topic,
@@ -156,11 +157,15 @@ impl Exactly {
             if self.initialized {
                 return Ok(());
             }
-            let producer = self.producer.clone();
-            off_thread("factlib-txn-init", move || {
-                producer.init_transactions(KAFKA_TIMEOUT)
-            })
-            .await
+            let init = |producer: &KafkaProducer| {
+                let producer = producer.clone();
+                off_thread("factlib-txn-init", move || {
+                    producer.init_transactions(KAFKA_TIMEOUT)
+                })
+            };
+            let [first, second] = &self.producers;
+            let (first, second) = tokio::join!(init(first), init(second));
+            first.and(second)
         };
         let topic = async {
             match self.checkpoint {

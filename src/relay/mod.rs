@@ -53,7 +53,7 @@ use crate::lsn::Lsn;
 use crate::progress::{ProgressError, Stream, StreamError};
 use crate::route::{checkpoint_topic, RingSettings, Rings, RouteError, Router, TopicTemplate};
 use crate::sink::topics::{CreateTopics, Topics};
-use crate::sink::txn::TxnSettings;
+use crate::sink::txn::{transactional_ids, TxnSettings, TxnWiring};
 use crate::sink::{KafkaProducer, RecordShape, SinkError, SinkSettings};
 use crate::source::{ConnectionConfig, SourceError, SourceSettings};
 use crate::telemetry;
@@ -147,7 +147,8 @@ pub enum DeliveryMode {
 /// Exactly-once settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExactlyOnce {
-    /// The producer's `transactional.id`.
+    /// `--transactional-id`: the two producers' `transactional.id`s are
+    /// this with `-0` and `-1` appended.
     pub transactional_id: String,
     /// Commit a transaction once it is this old (at the next unit end).
     pub txn_max: Duration,
@@ -234,12 +235,16 @@ pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result
         DeliveryMode::AtLeastOnce => None,
         DeliveryMode::ExactlyOnce(e) => Some(e),
     };
-    let producer = KafkaProducer::new(
-        &settings.sink,
-        exactly_once.map(|e| e.transactional_id.as_str()),
-        ack_tx.clone(),
-        Arc::clone(&wake),
-    )?;
+    let ids = exactly_once.map(|e| transactional_ids(&e.transactional_id));
+    let producer_with = |id: Option<&String>| {
+        KafkaProducer::new(
+            &settings.sink,
+            id.map(String::as_str),
+            ack_tx.clone(),
+            Arc::clone(&wake),
+        )
+    };
+    let producer = producer_with(ids.as_ref().map(|[first, _]| first))?;
     let r = ring_layout(settings.rings, exactly_once.is_some());
     let rings = Rings::new(r.rings, r.capacity, r.flushers)?;
     let router = Router::new(&settings.prefix, settings.template.clone(), r.rings)?;
@@ -269,19 +274,19 @@ pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result
                 max_records: e.txn_max_facts,
                 checkpoint_topic: topic.as_str().into(),
             };
-            let h = crate::sink::txn::spawn(
-                Arc::clone(&rings),
-                producer.clone(),
-                txn,
-                Arc::clone(&source),
-                command_rx,
-                ack_tx.clone(),
-                Arc::clone(&wake),
-            )
-            .map_err(RelayError::Thread)?;
+            let second = producer_with(ids.as_ref().map(|[_, second]| second))?;
+            let wiring = TxnWiring {
+                rings: Arc::clone(&rings),
+                source: Arc::clone(&source),
+                commands: command_rx,
+                reports: ack_tx.clone(),
+                wake: Arc::clone(&wake),
+            };
+            let h = crate::sink::txn::spawn([producer.clone(), second.clone()], txn, wiring)
+                .map_err(RelayError::Thread)?;
             flushers.push(h);
             let exactly = Exactly::new(
-                producer.clone(),
+                [producer.clone(), second],
                 settings.sink.clone(),
                 topics(),
                 topic,

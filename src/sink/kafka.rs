@@ -486,18 +486,24 @@ impl Transactional for KafkaProducer {
         KafkaProducer::send(self, rec)
     }
 
-    fn commit(&mut self, timeout: Duration) -> Result<(), TxnError> {
-        // rdkafka's commit_transaction flushes first, and its flush waits in
-        // polls of up to 100 ms for delivery events, which (the background
-        // thread polls them first) mostly never reach it: a commit took
-        // about 100 ms longer than Kafka did. Waiting
-        // here for the queue to empty makes that flush return at once.
+    fn settle(&mut self, timeout: Duration) -> bool {
+        // Not rdkafka's flush: it waits in polls of up to 100 ms for
+        // delivery events, which (the background thread polls them first)
+        // mostly never reach it, so a commit took about 100 ms longer than
+        // Kafka did. After this wait, commit_transaction's own flush
+        // returns at once.
         let deadline = std::time::Instant::now() + timeout;
-        while self.in_flight() > 0 && std::time::Instant::now() < deadline {
+        while self.in_flight() > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        self.producer.commit_transaction(left).map_err(classify)
+        true
+    }
+
+    fn commit(&mut self, timeout: Duration) -> Result<(), TxnError> {
+        self.producer.commit_transaction(timeout).map_err(classify)
     }
 
     fn abort(&mut self, timeout: Duration) -> Result<(), TxnError> {

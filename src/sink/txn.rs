@@ -1,12 +1,22 @@
 //! Exactly-once delivery: the one flusher thread that owns the Kafka
-//! transaction. It sends the records of one ring, in stream order, inside
+//! transactions. It sends the records of one ring, in stream order, inside
 //! Kafka transactions that each hold a run of whole PostgreSQL units plus
 //! one checkpoint record, and reports each commit.
 //!
+//! Two transactional producers take turns. Once a transaction's records
+//! are all acknowledged, it goes to the committer thread with its producer,
+//! and the other producer takes the next records: the commit's round trip,
+//! and the coordinator's markers that would hold up the next transaction
+//! of the same producer, overlap the stream instead of stopping it.
+//!
 //! ```text
-//!  ring 0 ──pop──► begin? ──send──► … record with txn_end (a unit ends) ──due?──► checkpoint(C) ──commit──► Delivery::Committed
+//!  ring 0 ──pop──► begin? ──send──► … record with txn_end (a unit ends) ──due?──► checkpoint(C) ──all acked──┐
+//!    ┌──────────────────────────────────────────────────────────────────────────────────────────────────────┘
+//!    └► previous commit succeeded? ──► committer: commit_transaction ──► Delivery::Committed ──► producer back
+//!                                  └─► swap producers; the next records go to the other one
 //!  relay ──Command::Flush──► commit at the next unit end now
-//!  relay ──Command::Reset──► drop what is queued, commit (whole units) or abort (a partial one) ──► Delivery::Reset
+//!  relay ──Command::Reset──► drop what is queued, commit (whole units) or abort (a partial one),
+//!                            wait for the commit ──► Delivery::Reset
 //! ```
 //!
 //! A transaction is *due* once [`TxnSettings::max_duration`] has passed
@@ -18,17 +28,24 @@
 //! - A commit covers exactly the records sent since the transaction began,
 //!   the last of which ended a unit; [`Delivery::Committed`] names that
 //!   record's opaque and the unit's end, which is the checkpoint's C.
+//! - At most one commit is out, and a transaction goes to the committer
+//!   only after the one before it committed: checkpoints are committed in
+//!   stream order, and when a commit fails, the transaction after it is
+//!   aborted too.
+//! - The other producer sends nothing until every record of the
+//!   transaction before is acknowledged: in each partition, a later
+//!   transaction's records follow an earlier one's.
 //! - After a failed transaction (aborted), nothing more is sent until the
 //!   relay's [`Command::Reset`]: records still queued belong to units the
 //!   relay will stream again.
 //! - A fatal error (fenced by a newer producer with the same
 //!   `transactional.id`, or any error librdkafka calls fatal) is reported
 //!   once; from then on every record is dropped and nothing is committed.
-//! - Once the rings close and the ring is empty the thread ends: an open
-//!   transaction is committed if it ends on a unit boundary, aborted
-//!   otherwise. With Kafka away, each of those gives up
-//!   [`GIVE_UP_AFTER_CLOSE`] after the close, so the process can exit; what
-//!   was not committed was not confirmed either.
+//! - Once the rings close and the ring is empty the thread ends after the
+//!   last commit's outcome is known: an open transaction is committed if it
+//!   ends on a unit boundary, aborted otherwise. With Kafka away, each of
+//!   those gives up [`GIVE_UP_AFTER_CLOSE`] after the close, so the process
+//!   can exit; what was not committed was not confirmed either.
 
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -49,7 +66,8 @@ use crate::route::Rings;
 /// Records taken from the ring at a time.
 const BATCH: usize = 512;
 
-/// How long one commit or abort may take before it is retried.
+/// How long one commit or abort, or one wait for acknowledgements, may take
+/// before it is tried again.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest sleep while idle: how soon a command is noticed.
@@ -75,8 +93,8 @@ pub enum Command {
     Flush,
     /// The relay stopped pushing and will stream again from its watermark:
     /// drop every queued record, end the open transaction (commit it if it
-    /// ends on a unit boundary, abort it otherwise), clear a failure, and
-    /// answer [`Delivery::Reset`].
+    /// ends on a unit boundary, abort it otherwise), wait for the last
+    /// commit, clear a failure, and answer [`Delivery::Reset`].
     Reset,
 }
 
@@ -100,46 +118,85 @@ pub struct TxnError {
     pub error: KafkaError,
 }
 
-/// The transactional producer, as the flusher drives it.
+/// A transactional producer, as the flusher drives it.
 pub trait Transactional: Send + 'static {
     /// `begin_transaction`.
     fn begin(&mut self) -> Result<(), TxnError>;
     /// Hands one record over without blocking; a full queue returns it.
     #[allow(clippy::result_large_err)]
     fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)>;
-    /// `commit_transaction` (flushes first).
+    /// Waits up to `timeout` for Kafka to acknowledge every record handed
+    /// over; true once none is left.
+    fn settle(&mut self, timeout: Duration) -> bool;
+    /// `commit_transaction`.
     fn commit(&mut self, timeout: Duration) -> Result<(), TxnError>;
     /// `abort_transaction`.
     fn abort(&mut self, timeout: Duration) -> Result<(), TxnError>;
 }
 
-/// Starts the transaction flusher on ring 0 of `rings` (which must have
-/// one ring and one flusher). `source` is set by the relay before it
-/// pushes the first record: the checkpoint key.
+/// Everything the transaction flusher is connected to.
+pub struct TxnWiring {
+    /// Ring 0 is read; the rings must have one ring and one flusher.
+    pub rings: Arc<Rings<Record>>,
+    /// The checkpoint key, set by the relay before it pushes the first
+    /// record.
+    pub source: Arc<OnceLock<Bytes>>,
+    /// The relay's commands.
+    pub commands: Receiver<Command>,
+    /// Commits and failures, to the relay.
+    pub reports: Sender<Delivery>,
+    /// Notified after each report.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+/// The two producers' `transactional.id`s for `--transactional-id` `id`:
+/// `{id}-0` and `{id}-1`.
+pub fn transactional_ids(id: &str) -> [String; 2] {
+    [format!("{id}-0"), format!("{id}-1")]
+}
+
+/// Starts the transaction flusher and its committer. The two producers
+/// must have different transactional ids, both initialized.
 pub fn spawn<P: Transactional>(
-    rings: Arc<Rings<Record>>,
-    producer: P,
+    producers: [P; 2],
     settings: TxnSettings,
-    source: Arc<OnceLock<Bytes>>,
-    commands: Receiver<Command>,
-    reports: Sender<Delivery>,
-    wake: Arc<tokio::sync::Notify>,
+    wiring: TxnWiring,
 ) -> std::io::Result<JoinHandle<()>> {
+    let [first, second] = producers;
+    let (jobs, job_rx) = crossbeam::channel::bounded::<Finished<P>>(1);
+    let (outcome_tx, outcomes) = crossbeam::channel::bounded(1);
+    let reporter = Reporter {
+        reports: wiring.reports,
+        wake: wiring.wake,
+    };
+    let committer = {
+        let (rings, reporter) = (Arc::clone(&wiring.rings), reporter.clone());
+        std::thread::Builder::new()
+            .name("factlib-commit".into())
+            .spawn(move || commit_each(&job_rx, &outcome_tx, &rings, &reporter))?
+    };
+    let rings = wiring.rings;
+    let source = wiring.source;
+    let commands = wiring.commands;
     std::thread::Builder::new()
         .name("factlib-txn".into())
         .spawn(move || {
             TxnFlusher {
-                producer,
+                producer: first,
+                spare: Some(second),
+                jobs,
+                outcomes,
                 settings,
                 source,
                 commands,
-                reports,
-                wake,
+                reporter,
                 open: None,
                 state: State::Running,
                 flush: false,
             }
-            .run(&rings)
+            .run(&rings);
+            // The flusher's end dropped the committer's queue: it ends.
+            let _ = committer.join();
         })
 }
 
@@ -175,6 +232,89 @@ struct Open {
     boundary: Option<(usize, Lsn)>,
 }
 
+/// A transaction whose records are all acknowledged, on its way to
+/// `commit_transaction` with its producer.
+struct Finished<P> {
+    producer: P,
+    open: Open,
+    /// The last record's opaque, and C.
+    opaque: usize,
+    through: Lsn,
+    /// When its records were all acknowledged.
+    acked: Instant,
+}
+
+/// The committer's answer: the producer, and whether its transaction
+/// committed.
+struct Outcome<P> {
+    producer: P,
+    result: Result<(), TxnError>,
+}
+
+/// Reports to the relay; shared by the flusher and the committer.
+#[derive(Clone)]
+struct Reporter {
+    reports: Sender<Delivery>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Reporter {
+    fn report(&self, d: Delivery) {
+        let _ = self.reports.send(d);
+        self.wake.notify_one();
+    }
+}
+
+/// The committer thread: commits each finished transaction, retrying a
+/// retriable failure while [`Patience`] lasts, reports a success at once,
+/// and hands the producer back.
+fn commit_each<P: Transactional>(
+    jobs: &Receiver<Finished<P>>,
+    outcomes: &Sender<Outcome<P>>,
+    rings: &Rings<Record>,
+    reporter: &Reporter,
+) {
+    for Finished {
+        mut producer,
+        open,
+        opaque,
+        through,
+        acked,
+    } in jobs
+    {
+        let mut patience = Patience::default();
+        let result = loop {
+            match producer.commit(COMMIT_TIMEOUT) {
+                Err(e) if e.kind == TxnErrorKind::Retriable && !patience.exhausted(rings) => {
+                    crate::telemetry::KafkaTrouble {
+                        message: &format_args!("committing a transaction: {}; retrying", e.error),
+                    }
+                    .emit();
+                }
+                other => break other,
+            }
+        };
+        if result.is_ok() {
+            crate::telemetry::latencies_since_ms(&open.created);
+            crate::telemetry::transaction_committed(
+                open.records,
+                through,
+                acked.duration_since(open.since),
+                acked.elapsed(),
+            );
+            reporter.report(Delivery::Committed {
+                opaque,
+                records: open.records,
+                bytes: open.bytes,
+                through,
+            });
+        }
+        if outcomes.send(Outcome { producer, result }).is_err() {
+            return;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Running,
@@ -185,12 +325,18 @@ enum State {
 }
 
 struct TxnFlusher<P> {
+    /// The producer that takes records; `open` is its transaction.
     producer: P,
+    /// The other producer, while its last transaction is not out with the
+    /// committer.
+    spare: Option<P>,
+    /// To the committer, which ends when this is dropped.
+    jobs: Sender<Finished<P>>,
+    outcomes: Receiver<Outcome<P>>,
     settings: TxnSettings,
     source: Arc<OnceLock<Bytes>>,
     commands: Receiver<Command>,
-    reports: Sender<Delivery>,
-    wake: Arc<tokio::sync::Notify>,
+    reporter: Reporter,
     open: Option<Open>,
     state: State,
     /// Commit at the next unit end.
@@ -202,6 +348,7 @@ impl<P: Transactional> TxnFlusher<P> {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
             self.obey(rings);
+            self.collect(false, rings);
             let took = rings.pop_into(0, &mut batch, BATCH);
             for rec in batch.drain(..) {
                 self.record(rec, rings);
@@ -220,6 +367,7 @@ impl<P: Transactional> TxnFlusher<P> {
                     // streamed again on the next start.
                     self.abort(rings);
                 }
+                self.collect(true, rings);
                 return;
             }
             // Sleep until the open transaction is due, if that is what
@@ -251,11 +399,13 @@ impl<P: Transactional> TxnFlusher<P> {
                             None => {}
                         }
                     }
+                    // Every commit's outcome is reported before the answer.
+                    self.collect(true, rings);
                     if self.state == State::Aborted {
                         self.state = State::Running;
                     }
                     self.flush = false;
-                    self.report(Delivery::Reset);
+                    self.reporter.report(Delivery::Reset);
                 }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
             }
@@ -327,7 +477,7 @@ impl<P: Transactional> TxnFlusher<P> {
                 }
                 Err((error, back)) if refused_for_good(&error) => {
                     self.state = State::Dead;
-                    self.report(Delivery::Failed {
+                    self.reporter.report(Delivery::Failed {
                         opaque: back.opaque,
                         topic: back.topic.to_string(),
                         bytes: back.value.len() + back.key.as_ref().map_or(0, Bytes::len),
@@ -350,18 +500,18 @@ impl<P: Transactional> TxnFlusher<P> {
         }
     }
 
-    /// Writes the checkpoint and commits the open transaction, which ends
-    /// on a unit boundary. Retries a retriable failure until it succeeds or
-    /// the rings close.
+    /// Writes the checkpoint into the open transaction, which ends on a
+    /// unit boundary, waits until its records are all acknowledged and the
+    /// previous transaction committed, and hands it to the committer; the
+    /// other producer takes the next records.
     fn commit(&mut self, rings: &Rings<Record>) {
         let Some((opaque, through)) = self.open.as_ref().and_then(|o| o.boundary) else {
             return;
         };
         let Some(key) = self.source.get().cloned() else {
-            self.state = State::Dead;
-            self.report(Delivery::Broken(SinkError::Internal(
+            self.broken(SinkError::Internal(
                 "a transaction was to be committed before the source was identified",
-            )));
+            ));
             return;
         };
         let cp = Record {
@@ -379,42 +529,92 @@ impl<P: Transactional> TxnFlusher<P> {
             return;
         }
         let mut patience = Patience::default();
-        let started = Instant::now();
-        loop {
-            match self.producer.commit(COMMIT_TIMEOUT) {
-                Ok(()) => break,
-                Err(e) if e.kind == TxnErrorKind::Retriable && !patience.exhausted(rings) => {
-                    crate::telemetry::KafkaTrouble {
-                        message: &format_args!("committing a transaction: {}; retrying", e.error),
-                    }
-                    .emit();
-                }
-                Err(e) => {
-                    self.failed("commit", e, rings);
+        while !self.producer.settle(COMMIT_TIMEOUT) {
+            if patience.exhausted(rings) {
+                self.failed(
+                    "commit",
+                    TxnError {
+                        kind: TxnErrorKind::Retriable,
+                        error: KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut),
+                    },
+                    rings,
+                );
+                return;
+            }
+            crate::telemetry::KafkaTrouble {
+                message: &"waiting for Kafka to acknowledge a transaction's records",
+            }
+            .emit();
+        }
+        let acked = Instant::now();
+        // The previous transaction's checkpoint is older: it must have
+        // committed before this one may.
+        self.collect(true, rings);
+        if self.state != State::Running {
+            return;
+        }
+        let (Some(spare), Some(open)) = (self.spare.take(), self.open.take()) else {
+            self.broken(SinkError::Internal(
+                "the transaction flusher lost track of its producers",
+            ));
+            return;
+        };
+        let producer = std::mem::replace(&mut self.producer, spare);
+        let job = Finished {
+            producer,
+            open,
+            opaque,
+            through,
+            acked,
+        };
+        if self.jobs.send(job).is_err() {
+            self.broken(SinkError::Internal("the committer thread ended"));
+            return;
+        }
+        self.flush = false;
+    }
+
+    /// Takes the committer's answer for the transaction out with it, if
+    /// any: waiting for it if `block`, else only if it is there. A failed
+    /// commit aborts the open transaction too (its units come after).
+    fn collect(&mut self, block: bool, rings: &Rings<Record>) {
+        if self.spare.is_some() {
+            return;
+        }
+        let outcome = if block {
+            self.outcomes.recv().ok()
+        } else {
+            match self.outcomes.try_recv() {
+                Ok(o) => Some(o),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => None,
+            }
+        };
+        let Some(Outcome {
+            mut producer,
+            result,
+        }) = outcome
+        else {
+            self.broken(SinkError::Internal("the committer thread ended"));
+            return;
+        };
+        if let Err(e) = result {
+            if e.kind != TxnErrorKind::Fatal {
+                // The failed producer's transaction is aborted before it
+                // takes records again.
+                if let Err(e) = abort_until_given_up(&mut producer, rings) {
+                    self.open = None;
+                    self.broken(SinkError::TransactionFatal {
+                        op: "abort",
+                        source: e.error,
+                    });
+                    self.spare = Some(producer);
                     return;
                 }
             }
+            self.failed("commit", e, rings);
         }
-        let (records, bytes) = match self.open.take() {
-            Some(o) => {
-                crate::telemetry::latencies_since_ms(&o.created);
-                crate::telemetry::transaction_committed(
-                    o.records,
-                    through,
-                    started.duration_since(o.since),
-                    started.elapsed(),
-                );
-                (o.records, o.bytes)
-            }
-            None => (0, 0),
-        };
-        self.flush = false;
-        self.report(Delivery::Committed {
-            opaque,
-            records,
-            bytes,
-            through,
-        });
+        self.spare = Some(producer);
     }
 
     /// Aborts the open transaction, if any. A failure to abort is fatal; so
@@ -426,22 +626,11 @@ impl<P: Transactional> TxnFlusher<P> {
         if self.open.take().is_none() {
             return;
         }
-        let mut patience = Patience::default();
-        loop {
-            match self.producer.abort(COMMIT_TIMEOUT) {
-                Ok(()) => return,
-                Err(e) if e.kind == TxnErrorKind::Retriable && !patience.exhausted(rings) => {
-                    continue
-                }
-                Err(e) => {
-                    self.state = State::Dead;
-                    self.report(Delivery::Broken(SinkError::TransactionFatal {
-                        op: "abort",
-                        source: e.error,
-                    }));
-                    return;
-                }
-            }
+        if let Err(e) = abort_until_given_up(&mut self.producer, rings) {
+            self.broken(SinkError::TransactionFatal {
+                op: "abort",
+                source: e.error,
+            });
         }
     }
 
@@ -451,29 +640,47 @@ impl<P: Transactional> TxnFlusher<P> {
         match e.kind {
             TxnErrorKind::Fatal => {
                 self.open = None;
-                self.state = State::Dead;
-                self.report(Delivery::Broken(SinkError::TransactionFatal {
+                self.broken(SinkError::TransactionFatal {
                     op,
                     source: e.error,
-                }));
+                });
             }
             TxnErrorKind::Abortable | TxnErrorKind::Retriable => {
                 // After a failed `begin` nothing is open to abort.
                 self.abort(rings);
                 if self.state == State::Running {
                     self.state = State::Aborted;
-                    self.report(Delivery::Broken(SinkError::TransactionAborted {
-                        op,
-                        source: e.error,
-                    }));
+                    self.reporter
+                        .report(Delivery::Broken(SinkError::TransactionAborted {
+                            op,
+                            source: e.error,
+                        }));
                 }
             }
         }
     }
 
-    fn report(&self, d: Delivery) {
-        let _ = self.reports.send(d);
-        self.wake.notify_one();
+    /// Ends sending for good, once, and tells the relay why.
+    fn broken(&mut self, e: SinkError) {
+        if self.state != State::Dead {
+            self.state = State::Dead;
+            self.reporter.report(Delivery::Broken(e));
+        }
+    }
+}
+
+/// `abort_transaction`, retried while it fails retriably and [`Patience`]
+/// lasts.
+fn abort_until_given_up<P: Transactional>(
+    producer: &mut P,
+    rings: &Rings<Record>,
+) -> Result<(), TxnError> {
+    let mut patience = Patience::default();
+    loop {
+        match producer.abort(COMMIT_TIMEOUT) {
+            Err(e) if e.kind == TxnErrorKind::Retriable && !patience.exhausted(rings) => {}
+            other => return other,
+        }
     }
 }
 
@@ -502,26 +709,45 @@ mod tests {
         Begin,
         Send(usize),
         Checkpoint(String),
+        Settle,
         Commit,
         Abort,
     }
 
-    /// Records calls; `fail_commit` makes the next commit fail that way.
+    /// Records its calls, tagged with its index, in a log shared with the
+    /// other producer.
     #[derive(Clone, Default)]
     struct Fake {
-        calls: Arc<Mutex<Vec<Call>>>,
+        id: usize,
+        log: Arc<Mutex<Vec<(usize, Call)>>>,
+        /// The next commits fail this way (popped from the end).
         fail_commit: Arc<Mutex<Vec<TxnErrorKind>>>,
         /// Every abort fails this way (Kafka away).
         abort_fails: Arc<Mutex<Option<TxnErrorKind>>>,
     }
 
     impl Fake {
-        /// A producer whose next commit fails as `kind`.
-        fn failing_commit(kind: TxnErrorKind) -> Self {
-            let fake = Fake::default();
-            fake.fail_commit.lock().unwrap().push(kind);
-            fake
+        fn call(&self, c: Call) {
+            self.log.lock().unwrap().push((self.id, c));
         }
+    }
+
+    /// Two producers sharing one log.
+    fn pair() -> [Fake; 2] {
+        let first = Fake::default();
+        let second = Fake {
+            id: 1,
+            log: Arc::clone(&first.log),
+            ..Fake::default()
+        };
+        [first, second]
+    }
+
+    /// Two producers; the first one's next commit fails as `kind`.
+    fn first_commit_fails(kind: TxnErrorKind) -> [Fake; 2] {
+        let fakes = pair();
+        fakes[0].fail_commit.lock().unwrap().push(kind);
+        fakes
     }
 
     fn err(kind: TxnErrorKind) -> TxnError {
@@ -533,29 +759,34 @@ mod tests {
 
     impl Transactional for Fake {
         fn begin(&mut self) -> Result<(), TxnError> {
-            self.calls.lock().unwrap().push(Call::Begin);
+            self.call(Call::Begin);
             Ok(())
         }
         fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
-            let call = if rec.opaque == usize::MAX {
+            self.call(if rec.opaque == usize::MAX {
                 Call::Checkpoint(checkpoint::parse(&rec.value).unwrap().to_string())
             } else {
                 Call::Send(rec.opaque)
-            };
-            self.calls.lock().unwrap().push(call);
+            });
             Ok(SendOutcome::Queued)
         }
+        fn settle(&mut self, _: Duration) -> bool {
+            self.call(Call::Settle);
+            true
+        }
         fn commit(&mut self, _: Duration) -> Result<(), TxnError> {
-            self.calls.lock().unwrap().push(Call::Commit);
+            self.call(Call::Commit);
             match self.fail_commit.lock().unwrap().pop() {
                 Some(kind) => Err(err(kind)),
                 None => Ok(()),
             }
         }
         fn abort(&mut self, _: Duration) -> Result<(), TxnError> {
-            let mut calls = self.calls.lock().unwrap();
-            if calls.last() != Some(&Call::Abort) {
-                calls.push(Call::Abort);
+            {
+                let mut log = self.log.lock().unwrap();
+                if log.last() != Some(&(self.id, Call::Abort)) {
+                    log.push((self.id, Call::Abort));
+                }
             }
             match *self.abort_fails.lock().unwrap() {
                 Some(kind) => {
@@ -574,13 +805,32 @@ mod tests {
     }
 
     struct Run {
-        calls: Vec<Call>,
+        log: Vec<(usize, Call)>,
         reports: Vec<Delivery>,
+    }
+
+    impl Run {
+        /// The calls producer `id` received, in order.
+        fn of(&self, id: usize) -> Vec<Call> {
+            self.log
+                .iter()
+                .filter(|(p, _)| *p == id)
+                .map(|(_, c)| c.clone())
+                .collect()
+        }
+
+        /// Where in the whole log producer `id` received `call` first.
+        fn at(&self, id: usize, call: &Call) -> usize {
+            self.log
+                .iter()
+                .position(|(p, c)| *p == id && c == call)
+                .unwrap()
+        }
     }
 
     /// Pushes `recs`, sends `commands` first, closes the rings and runs the
     /// flusher to its end.
-    fn run(recs: Vec<Record>, commands: &[Command], max_records: usize, fake: Fake) -> Run {
+    fn run(recs: Vec<Record>, commands: &[Command], max_records: usize, fakes: [Fake; 2]) -> Run {
         let rings = Rings::new(1, 64, 1).unwrap();
         for r in recs {
             rings.try_push(0, r).unwrap();
@@ -593,25 +843,28 @@ mod tests {
         let (tx, rx) = crossbeam::channel::unbounded();
         let source = Arc::new(OnceLock::new());
         source.set(Bytes::from_static(b"k")).unwrap();
+        let log = Arc::clone(&fakes[0].log);
         spawn(
-            Arc::clone(&rings),
-            fake.clone(),
+            fakes,
             TxnSettings {
                 max_duration: Duration::from_secs(3600),
                 max_records,
                 checkpoint_topic: "p.checkpoints".into(),
             },
-            source,
-            crx,
-            tx,
-            Arc::new(tokio::sync::Notify::new()),
+            TxnWiring {
+                rings: Arc::clone(&rings),
+                source,
+                commands: crx,
+                reports: tx,
+                wake: Arc::new(tokio::sync::Notify::new()),
+            },
         )
         .unwrap()
         .join()
         .unwrap();
-        let calls = fake.calls.lock().unwrap().clone();
+        let log = log.lock().unwrap().clone();
         Run {
-            calls,
+            log,
             reports: rx.try_iter().collect(),
         }
     }
@@ -632,9 +885,10 @@ mod tests {
     }
 
     #[test]
-    fn commits_whole_units_with_a_checkpoint_once_due() {
+    fn commits_whole_units_with_a_checkpoint_once_due_taking_turns() {
         use Call::*;
-        // Units: [1,2,3] ends 0x100; [4] ends 0x120; [5,6] ends 0x200.
+        // Units: [1,2,3] ends 0x100; [4] ends 0x120; [5,6] ends 0x200;
+        // [7] ends 0x300.
         let recs = vec![
             rec(1, None),
             rec(2, None),
@@ -642,27 +896,49 @@ mod tests {
             rec(4, Some(0x120)),
             rec(5, None),
             rec(6, Some(0x200)),
+            rec(7, Some(0x300)),
         ];
-        let r = run(recs, &[], 2, Fake::default());
+        let r = run(recs, &[], 2, pair());
         assert_eq!(
-            r.calls,
+            r.of(0),
             vec![
                 Begin,
                 Send(1),
                 Send(2),
                 Send(3),
                 Checkpoint("0/100".into()),
+                Settle,
                 Commit,
+                Begin,
+                Send(7),
+                Checkpoint("0/300".into()),
+                Settle,
+                Commit,
+            ],
+            "due after 2 records, but committed only at a unit end"
+        );
+        assert_eq!(
+            r.of(1),
+            vec![
                 Begin,
                 Send(4),
                 Send(5),
                 Send(6),
                 Checkpoint("0/200".into()),
+                Settle,
                 Commit,
             ],
-            "due after 2 records, but committed only at a unit end"
+            "the second producer takes the next transaction"
         );
-        assert_eq!(committed(&r.reports), vec![(3, 3, 0x100), (6, 3, 0x200)]);
+        assert!(
+            r.at(0, &Settle) < r.at(1, &Begin),
+            "the second producer sends only once the first one's records are acknowledged"
+        );
+        assert_eq!(
+            committed(&r.reports),
+            vec![(3, 3, 0x100), (6, 3, 0x200), (7, 1, 0x300)],
+            "commits are reported in stream order"
+        );
     }
 
     /// A PostgreSQL transaction larger than --txn-max-facts stays whole.
@@ -670,8 +946,8 @@ mod tests {
     fn a_large_unit_is_never_split() {
         let mut recs: Vec<Record> = (0..50).map(|i| rec(i, None)).collect();
         recs.push(rec(50, Some(0x900)));
-        let r = run(recs, &[], 10, Fake::default());
-        let commits = r.calls.iter().filter(|c| **c == Call::Commit).count();
+        let r = run(recs, &[], 10, pair());
+        let commits = r.log.iter().filter(|(_, c)| *c == Call::Commit).count();
         assert_eq!(commits, 1);
         assert_eq!(committed(&r.reports), vec![(50, 51, 0x900)]);
     }
@@ -682,35 +958,53 @@ mod tests {
     fn a_partial_unit_at_close_is_aborted() {
         use Call::*;
         let recs = vec![rec(1, Some(0x100)), rec(2, None)];
-        let r = run(recs, &[], 1000, Fake::default());
+        let r = run(recs, &[], 1000, pair());
         assert_eq!(
-            r.calls,
+            r.of(0),
             vec![Begin, Send(1), Send(2), Abort],
             "the transaction holding a partial unit is aborted, not committed"
         );
+        assert_eq!(r.of(1), vec![]);
         assert!(committed(&r.reports).is_empty());
     }
 
     #[test]
     fn reset_drops_queued_records_and_answers() {
         let recs = vec![rec(1, None), rec(2, Some(0x100))];
-        let r = run(recs, &[Command::Reset], 1000, Fake::default());
-        assert_eq!(r.calls, vec![], "queued records are dropped, not sent");
+        let r = run(recs, &[Command::Reset], 1000, pair());
+        assert_eq!(r.log, vec![], "queued records are dropped, not sent");
         assert!(matches!(r.reports.as_slice(), [Delivery::Reset]));
     }
 
-    /// An abortable commit failure aborts, reports a transient error, and
-    /// drops records until the relay resets.
+    /// An abortable commit failure aborts that transaction and the one
+    /// after it (which must not commit: its checkpoint would cover the
+    /// failed one's units), reports a transient error, and drops records
+    /// until the relay resets.
     #[test]
-    fn an_abortable_commit_failure_aborts_and_waits_for_a_reset() {
+    fn an_abortable_commit_failure_aborts_the_next_transaction_too() {
         use Call::*;
-        let fake = Fake::failing_commit(TxnErrorKind::Abortable);
-        let recs = vec![rec(1, Some(0x100)), rec(2, Some(0x200))];
-        let r = run(recs, &[], 1, fake);
+        let fakes = first_commit_fails(TxnErrorKind::Abortable);
+        let recs = vec![
+            rec(1, Some(0x100)),
+            rec(2, Some(0x200)),
+            rec(3, Some(0x300)),
+        ];
+        let r = run(recs, &[], 1, fakes);
         assert_eq!(
-            r.calls,
-            vec![Begin, Send(1), Checkpoint("0/100".into()), Commit, Abort],
-            "record 2 is dropped: the relay streams it again after a reset"
+            r.of(0),
+            vec![
+                Begin,
+                Send(1),
+                Checkpoint("0/100".into()),
+                Settle,
+                Commit,
+                Abort
+            ]
+        );
+        assert_eq!(
+            r.of(1),
+            vec![Begin, Send(2), Checkpoint("0/200".into()), Settle, Abort],
+            "not committed; record 3 is dropped: the relay streams it again after a reset"
         );
         match r.reports.as_slice() {
             [Delivery::Broken(e)] => assert!(e.is_transient(), "{e}"),
@@ -721,12 +1015,21 @@ mod tests {
     #[test]
     fn a_fatal_commit_failure_is_definite_and_ends_sending() {
         use Call::*;
-        let fake = Fake::failing_commit(TxnErrorKind::Fatal);
-        let recs = vec![rec(1, Some(0x100)), rec(2, Some(0x200))];
-        let r = run(recs, &[], 1, fake);
+        let fakes = first_commit_fails(TxnErrorKind::Fatal);
+        let recs = vec![
+            rec(1, Some(0x100)),
+            rec(2, Some(0x200)),
+            rec(3, Some(0x300)),
+        ];
+        let r = run(recs, &[], 1, fakes);
         assert_eq!(
-            r.calls,
-            vec![Begin, Send(1), Checkpoint("0/100".into()), Commit]
+            r.of(0),
+            vec![Begin, Send(1), Checkpoint("0/100".into()), Settle, Commit]
+        );
+        assert_eq!(
+            r.of(1),
+            vec![Begin, Send(2), Checkpoint("0/200".into()), Settle],
+            "nothing is committed after a fatal error"
         );
         match r.reports.as_slice() {
             [Delivery::Broken(e)] => assert!(!e.is_transient(), "{e}"),
@@ -738,12 +1041,12 @@ mod tests {
     /// partial unit's transaction was retried for ever.
     #[test]
     fn an_abort_that_keeps_timing_out_after_close_is_given_up() {
-        let fake = Fake::default();
-        *fake.abort_fails.lock().unwrap() = Some(TxnErrorKind::Retriable);
+        let fakes = pair();
+        *fakes[0].abort_fails.lock().unwrap() = Some(TxnErrorKind::Retriable);
+        let log = Arc::clone(&fakes[0].log);
         let (done, exited) = std::sync::mpsc::channel();
-        let f = fake.clone();
         std::thread::spawn(move || {
-            let r = run(vec![rec(1, Some(0x100)), rec(2, None)], &[], 1000, f);
+            let r = run(vec![rec(1, Some(0x100)), rec(2, None)], &[], 1000, fakes);
             let _ = done.send(r.reports.len());
         });
         // Far beyond GIVE_UP_AFTER_CLOSE: not a speed bound, a hang detector.
@@ -754,8 +1057,8 @@ mod tests {
             "the flusher exits and reports the abort failed"
         );
         assert_eq!(
-            *fake.calls.lock().unwrap().last().unwrap(),
-            Call::Abort,
+            log.lock().unwrap().last().unwrap(),
+            &(0, Call::Abort),
             "nothing is committed"
         );
     }
@@ -763,11 +1066,18 @@ mod tests {
     #[test]
     fn a_retriable_commit_failure_is_retried() {
         use Call::*;
-        let fake = Fake::failing_commit(TxnErrorKind::Retriable);
-        let r = run(vec![rec(1, Some(0x100))], &[Command::Flush], 1000, fake);
+        let fakes = first_commit_fails(TxnErrorKind::Retriable);
+        let r = run(vec![rec(1, Some(0x100))], &[Command::Flush], 1000, fakes);
         assert_eq!(
-            r.calls,
-            vec![Begin, Send(1), Checkpoint("0/100".into()), Commit, Commit]
+            r.of(0),
+            vec![
+                Begin,
+                Send(1),
+                Checkpoint("0/100".into()),
+                Settle,
+                Commit,
+                Commit
+            ]
         );
         assert_eq!(committed(&r.reports), vec![(1, 1, 0x100)]);
     }
