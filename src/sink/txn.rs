@@ -804,6 +804,18 @@ mod tests {
         r
     }
 
+    /// Three one-record units, ending at 0x100, 0x200 and 0x300.
+    fn three_units() -> Vec<Record> {
+        (1..=3).map(|i| rec(i, Some(0x100 * i as u64))).collect()
+    }
+
+    /// The first producer's calls for unit 1 (ending at 0x100), up to its
+    /// commit.
+    fn first_commit() -> Vec<Call> {
+        use Call::*;
+        vec![Begin, Send(1), Checkpoint("0/100".into()), Settle, Commit]
+    }
+
     struct Run {
         log: Vec<(usize, Call)>,
         reports: Vec<Delivery>,
@@ -984,23 +996,8 @@ mod tests {
     fn an_abortable_commit_failure_aborts_the_next_transaction_too() {
         use Call::*;
         let fakes = first_commit_fails(TxnErrorKind::Abortable);
-        let recs = vec![
-            rec(1, Some(0x100)),
-            rec(2, Some(0x200)),
-            rec(3, Some(0x300)),
-        ];
-        let r = run(recs, &[], 1, fakes);
-        assert_eq!(
-            r.of(0),
-            vec![
-                Begin,
-                Send(1),
-                Checkpoint("0/100".into()),
-                Settle,
-                Commit,
-                Abort
-            ]
-        );
+        let r = run(three_units(), &[], 1, fakes);
+        assert_eq!(r.of(0), [first_commit(), vec![Abort]].concat());
         assert_eq!(
             r.of(1),
             vec![Begin, Send(2), Checkpoint("0/200".into()), Settle, Abort],
@@ -1016,16 +1013,8 @@ mod tests {
     fn a_fatal_commit_failure_is_definite_and_ends_sending() {
         use Call::*;
         let fakes = first_commit_fails(TxnErrorKind::Fatal);
-        let recs = vec![
-            rec(1, Some(0x100)),
-            rec(2, Some(0x200)),
-            rec(3, Some(0x300)),
-        ];
-        let r = run(recs, &[], 1, fakes);
-        assert_eq!(
-            r.of(0),
-            vec![Begin, Send(1), Checkpoint("0/100".into()), Settle, Commit]
-        );
+        let r = run(three_units(), &[], 1, fakes);
+        assert_eq!(r.of(0), first_commit());
         assert_eq!(
             r.of(1),
             vec![Begin, Send(2), Checkpoint("0/200".into()), Settle],
@@ -1065,19 +1054,12 @@ mod tests {
 
     #[test]
     fn a_retriable_commit_failure_is_retried() {
-        use Call::*;
         let fakes = first_commit_fails(TxnErrorKind::Retriable);
         let r = run(vec![rec(1, Some(0x100))], &[Command::Flush], 1000, fakes);
         assert_eq!(
             r.of(0),
-            vec![
-                Begin,
-                Send(1),
-                Checkpoint("0/100".into()),
-                Settle,
-                Commit,
-                Commit
-            ]
+            [first_commit(), vec![Call::Commit]].concat(),
+            "committed again"
         );
         assert_eq!(committed(&r.reports), vec![(1, 1, 0x100)]);
     }
