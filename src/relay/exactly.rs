@@ -184,7 +184,12 @@ impl Exactly {
             Some(c) => c,
             None => {
                 let (sink, topic) = (self.sink.clone(), self.topic.clone());
+                let [client, _] = &self.producers;
+                let client = client.clone();
                 let read = off_thread("factlib-checkpoint", move || {
+                    if checkpoint::holds_nothing(&client, &topic, KAFKA_TIMEOUT)? {
+                        return Ok(None);
+                    }
                     checkpoint::read(&sink, &topic, &key, KAFKA_TIMEOUT)
                 });
                 let Some(read) = until_stopped(read, stop).await else {

@@ -32,7 +32,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::{SinkError, SinkSettings};
+use super::{KafkaProducer, SinkError, SinkSettings};
 use crate::lsn::Lsn;
 
 /// The source a checkpoint belongs to.
@@ -97,6 +97,21 @@ pub fn parse(value: &[u8]) -> Result<Lsn, String> {
     v.lsn
         .parse()
         .map_err(|_| format!("{:?} is not an LSN", v.lsn))
+}
+
+/// True if `topic` holds no record at all, asked through `client`, an
+/// open connection: then there is no checkpoint, and [`read`] (a consumer
+/// of its own, about 70 ms to connect and more to close here) can be
+/// skipped. A first start meets an empty topic.
+pub fn holds_nothing(
+    client: &KafkaProducer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<bool, SinkError> {
+    let (low, high) = client
+        .watermarks(topic, 0, timeout)
+        .map_err(reading(topic))?;
+    Ok(high <= low)
 }
 
 /// The first window [`read`] reads back from the end of the partition;

@@ -362,6 +362,19 @@ impl KafkaProducer {
         self.producer.flush(timeout).map_err(SinkError::Flush)
     }
 
+    /// The low and high watermarks of `partition` of `topic`. Blocks up to
+    /// `timeout`.
+    pub fn watermarks(
+        &self,
+        topic: &str,
+        partition: i32,
+        timeout: Duration,
+    ) -> Result<(i64, i64), KafkaError> {
+        self.producer
+            .client()
+            .fetch_watermarks(topic, partition, timeout)
+    }
+
     /// Whether `topic` exists and every one of its partitions has a
     /// leader. Blocks up to `timeout`.
     pub fn topic_state(&self, topic: &str, timeout: Duration) -> Result<TopicState, SinkError> {
