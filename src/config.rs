@@ -21,8 +21,12 @@ use crate::relay::{DeliveryMode, ExactlyOnce, RelaySettings};
 use crate::route::{RingSettings, RouteError, TopicTemplate};
 use crate::sink::record::{HeaderSet, RecordShape, ValueMode};
 use crate::sink::topics::CreateTopics;
-use crate::sink::{Compression, SinkSettings};
+use crate::sink::{
+    Compression, KafkaSecurity, SaslCredentials, SaslMechanism, Secret, SecurityProtocol,
+    SinkSettings,
+};
 use crate::source::{ConnectionConfig, SourceSettings, Transport, UrlError};
+use crate::telemetry::{self, MetricsSettings};
 
 /// Factlib: relays facts that services write to PostgreSQL's WAL.
 #[derive(Debug, Parser)]
@@ -72,6 +76,26 @@ pub struct CommonArgs {
     /// `factlib=debug`). Logs go to stderr.
     #[arg(long, global = true, env = "FACTLIB_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log line format on stderr: text (for people) or json (one object per
+    /// line, for log shippers).
+    #[arg(
+        long,
+        global = true,
+        env = "FACTLIB_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, target, fields.
+    Json,
 }
 
 /// The subcommands.
@@ -88,7 +112,7 @@ pub enum Command {
     Status(StatusArgs),
     /// Relay facts from the slot to Kafka; the slot advances only past facts
     /// Kafka has acknowledged.
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// Load generation and end-to-end verification.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -165,9 +189,9 @@ pub struct BenchVerifyArgs {
     /// The manifest written by `bench emit --manifest`.
     #[arg(long, env = "FACTLIB_BENCH_MANIFEST")]
     pub manifest: std::path::PathBuf,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "FACTLIB_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
+    /// How to reach Kafka.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
     /// Give up reading after this many seconds.
     #[arg(long, env = "FACTLIB_BENCH_VERIFY_TIMEOUT_SECS", default_value_t = 120)]
     pub timeout_secs: u64,
@@ -200,10 +224,183 @@ impl IsolationArg {
 /// `factlib status`
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Kafka bootstrap servers, to read the exactly-once checkpoint from
+    /// How to reach Kafka, to read the exactly-once checkpoint from
     /// {prefix}.checkpoints.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Print one JSON object instead of text: the same fields, null where
+    /// a value is unknown (`lag_seconds_unknown` and `checkpoint_error` say
+    /// why).
+    #[arg(long, env = "FACTLIB_STATUS_JSON")]
+    pub json: bool,
+}
+
+/// How every Kafka client reaches the brokers (`relay`, `status`,
+/// `bench verify`).
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
     #[arg(long, env = "FACTLIB_BROKERS", default_value = "127.0.0.1:19092")]
     pub brokers: String,
+
+    /// How to talk to the brokers: plaintext, ssl (TLS), sasl_plaintext
+    /// (SASL without TLS), or sasl_ssl (SASL over TLS).
+    #[arg(
+        long,
+        env = "FACTLIB_KAFKA_SECURITY_PROTOCOL",
+        value_enum,
+        ignore_case = true,
+        default_value_t = SecurityProtocolArg::Plaintext
+    )]
+    pub kafka_security_protocol: SecurityProtocolArg,
+
+    /// SASL mechanism; required with sasl_plaintext and sasl_ssl.
+    #[arg(
+        long,
+        env = "FACTLIB_KAFKA_SASL_MECHANISM",
+        value_enum,
+        ignore_case = true
+    )]
+    pub kafka_sasl_mechanism: Option<SaslMechanismArg>,
+
+    /// SASL user; required with sasl_plaintext and sasl_ssl.
+    #[arg(long, env = "FACTLIB_KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+
+    /// SASL password; required with sasl_plaintext and sasl_ssl. Give it in
+    /// the environment variable rather than as a flag (flags show in `ps`).
+    /// Never logged.
+    #[arg(long, env = "FACTLIB_KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub kafka_sasl_password: Option<Secret>,
+
+    /// PEM file of the CA certificates that sign the brokers' certificates
+    /// (ssl and sasl_ssl). Default: the system's CA store.
+    #[arg(long, env = "FACTLIB_KAFKA_CA")]
+    pub kafka_ca: Option<std::path::PathBuf>,
+}
+
+/// `--kafka-security-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SecurityProtocolArg {
+    /// No TLS, no authentication.
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL without TLS.
+    #[value(name = "sasl_plaintext")]
+    SaslPlaintext,
+    /// SASL over TLS.
+    #[value(name = "sasl_ssl")]
+    SaslSsl,
+}
+
+/// `--kafka-sasl-mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SaslMechanismArg {
+    /// PLAIN (sends the password itself; use with sasl_ssl).
+    #[value(name = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl KafkaArgs {
+    /// The security settings, checked: a SASL protocol needs all three SASL
+    /// settings, and a CA file must be readable. SASL settings under a
+    /// protocol without SASL (or a CA without TLS) are not used, with a
+    /// warning: the environment may carry them for other commands.
+    pub fn security(&self) -> Result<KafkaSecurity, ConfigError> {
+        let protocol = match self.kafka_security_protocol {
+            SecurityProtocolArg::Plaintext => SecurityProtocol::Plaintext,
+            SecurityProtocolArg::Ssl => SecurityProtocol::Ssl,
+            SecurityProtocolArg::SaslPlaintext => SecurityProtocol::SaslPlaintext,
+            SecurityProtocolArg::SaslSsl => SecurityProtocol::SaslSsl,
+        };
+        let name = self.kafka_security_protocol.to_possible_value();
+        let name = name.as_ref().map_or("", |v| v.get_name());
+        let sasl = if protocol.uses_sasl() {
+            let missing = |flag| {
+                ConfigError::Kafka(format!(
+                "--kafka-security-protocol {name} needs {flag} (or its FACTLIB_KAFKA_… variable)"
+            ))
+            };
+            let mechanism = match self
+                .kafka_sasl_mechanism
+                .ok_or_else(|| missing("--kafka-sasl-mechanism"))?
+            {
+                SaslMechanismArg::Plain => SaslMechanism::Plain,
+                SaslMechanismArg::ScramSha256 => SaslMechanism::ScramSha256,
+                SaslMechanismArg::ScramSha512 => SaslMechanism::ScramSha512,
+            };
+            let username = self
+                .kafka_sasl_username
+                .clone()
+                .filter(|u| !u.is_empty())
+                .ok_or_else(|| missing("--kafka-sasl-username"))?;
+            let password = self
+                .kafka_sasl_password
+                .clone()
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| missing("--kafka-sasl-password"))?;
+            Some(SaslCredentials {
+                mechanism,
+                username,
+                password,
+            })
+        } else {
+            let given = [
+                (
+                    "--kafka-sasl-mechanism",
+                    self.kafka_sasl_mechanism.is_some(),
+                ),
+                ("--kafka-sasl-username", self.kafka_sasl_username.is_some()),
+                ("--kafka-sasl-password", self.kafka_sasl_password.is_some()),
+            ];
+            let unused: Vec<&str> = given
+                .iter()
+                .filter(|(_, set)| *set)
+                .map(|(flag, _)| *flag)
+                .chain((self.kafka_ca.is_some() && !protocol.uses_tls()).then_some("--kafka-ca"))
+                .collect();
+            if !unused.is_empty() {
+                tracing::warn!(
+                    "{} set, but --kafka-security-protocol is {name}: not used; choose \
+                     sasl_ssl, sasl_plaintext or ssl to use them",
+                    unused.join(", ")
+                );
+            }
+            None
+        };
+        let ca = match &self.kafka_ca {
+            Some(_) if !protocol.uses_tls() => None,
+            Some(ca) => match std::fs::File::open(ca) {
+                Ok(_) => Some(ca.clone()),
+                Err(e) => {
+                    return Err(ConfigError::Kafka(format!(
+                        "cannot read --kafka-ca {}: {e}",
+                        ca.display()
+                    )))
+                }
+            },
+            None => None,
+        };
+        Ok(KafkaSecurity { protocol, sasl, ca })
+    }
+
+    /// The sink's settings for a client that only reads (`status`,
+    /// `bench verify`): the brokers and security, defaults otherwise.
+    pub fn reader(&self) -> Result<SinkSettings, ConfigError> {
+        Ok(SinkSettings {
+            brokers: self.brokers.clone(),
+            security: self.security()?,
+            ..SinkSettings::default()
+        })
+    }
 }
 
 /// `factlib setup`
@@ -260,9 +457,9 @@ pub struct TailArgs {
 /// `factlib relay`
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
-    /// Kafka bootstrap servers, comma-separated host:port.
-    #[arg(long, env = "FACTLIB_BROKERS", default_value = "127.0.0.1:19092")]
-    pub brokers: String,
+    /// How to reach Kafka.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 
     /// Topic for each fact. Placeholders: {prefix}, {aggregate_type},
     /// {event_type}.
@@ -366,6 +563,12 @@ pub struct RelayArgs {
     #[arg(long, env = "FACTLIB_MAX_BACKOFF_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub max_backoff_ms: u64,
 
+    /// While another process streams from the slot, this relay waits as a
+    /// standby and checks the slot this often, in milliseconds; it takes
+    /// over once the slot is free (the active relay stopped or died).
+    #[arg(long, env = "FACTLIB_STANDBY_POLL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub standby_poll_ms: u64,
+
     /// Stop (as on SIGTERM) once every fact up to this LSN (`X/Y`) is
     /// acknowledged and confirmed: a one-shot drain, used by `perf/drain`.
     #[arg(long, env = "FACTLIB_STOP_AT_LSN")]
@@ -408,6 +611,13 @@ pub struct RelayArgs {
     /// would be dropped otherwise.
     #[arg(long, env = "FACTLIB_RESET_CHECKPOINT")]
     pub reset_checkpoint: bool,
+
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics, with
+    /// /healthz (200 while the relay's loops are alive) and /readyz (200
+    /// while streaming from PostgreSQL with Kafka reachable), e.g.
+    /// 127.0.0.1:9187. Off by default.
+    #[arg(long, env = "FACTLIB_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
 
     /// Replication connection settings.
     #[command(flatten)]
@@ -491,7 +701,10 @@ impl From<HeadersArg> for HeaderSet {
 #[derive(Debug, Clone, Args)]
 pub struct SourceArgs {
     /// Socket transport for the replication stream: `auto` uses io_uring
-    /// when the kernel allows it, else plain tokio.
+    /// when the kernel allows it, else plain tokio. A connection that runs
+    /// over TLS (any sslmode but `disable`, when the server accepts TLS)
+    /// always uses tokio: io_uring carries plain TCP only. When
+    /// `sslmode=prefer` ends up plain, io_uring is kept.
     #[arg(long, env = "FACTLIB_TRANSPORT", value_enum, default_value_t = TransportArg::Auto)]
     pub transport: TransportArg,
 
@@ -563,7 +776,8 @@ impl RelayArgs {
             source: self.source.settings(),
             delivery: self.delivery(common)?,
             sink: SinkSettings {
-                brokers: self.brokers.clone(),
+                brokers: self.kafka.brokers.clone(),
+                security: self.kafka.security()?,
                 compression: self.compression.into(),
                 linger_ms: self.linger_ms,
                 batch_bytes: self.batch_bytes,
@@ -572,6 +786,11 @@ impl RelayArgs {
                 queue_kbytes: self.queue_kbytes,
                 max_message_bytes: self.max_message_bytes,
                 extra: self.producer_properties.clone(),
+                // Broker states for /readyz.
+                statistics_interval: self
+                    .metrics_addr
+                    .is_some()
+                    .then_some(telemetry::KAFKA_STATS_INTERVAL),
             },
             rings: RingSettings {
                 rings: to_usize(self.rings),
@@ -592,7 +811,12 @@ impl RelayArgs {
                 .then(|| Duration::from_secs(self.progress_interval_secs)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             max_backoff: Duration::from_millis(self.max_backoff_ms),
+            standby_poll: Duration::from_millis(self.standby_poll_ms),
             stop_at_lsn: self.stop_at_lsn,
+            metrics: self
+                .metrics_addr
+                .as_ref()
+                .map(|addr| MetricsSettings { addr: addr.clone() }),
         })
     }
 }
@@ -645,6 +869,9 @@ pub enum ConfigError {
         /// The name given.
         name: String,
     },
+    /// Inconsistent Kafka security flags.
+    #[error("{0}")]
+    Kafka(String),
     /// A flag that means something only in exactly-once mode.
     #[error("{0} applies only with --delivery exactly-once")]
     ExactlyOnceOnly(&'static str),
@@ -715,7 +942,14 @@ mod tests {
         assert_eq!(s.sink, SinkSettings::default());
         assert_eq!(s.rings, RingSettings::default());
         assert_eq!(s.shape, RecordShape::default());
-        assert_eq!(s, RelaySettings::default());
+        // The test environment's URL (in FACTLIB_DATABASE_URL) may differ.
+        assert_eq!(
+            RelaySettings {
+                connection: RelaySettings::default().connection,
+                ..s
+            },
+            RelaySettings::default()
+        );
         let cli = Cli::try_parse_from(["factlib", "tail"]).unwrap();
         let Command::Tail(args) = &cli.command else {
             panic!("not tail");
@@ -777,6 +1011,26 @@ mod tests {
     }
 
     #[test]
+    fn metrics_addr_serves_metrics_and_turns_on_broker_statistics() {
+        let cli =
+            Cli::try_parse_from(["factlib", "relay", "--metrics-addr", "127.0.0.1:9187"]).unwrap();
+        let Command::Relay(args) = &cli.command else {
+            panic!("not relay");
+        };
+        let s = args.settings(&cli.common).unwrap();
+        assert_eq!(
+            s.metrics,
+            Some(MetricsSettings {
+                addr: "127.0.0.1:9187".into()
+            })
+        );
+        assert_eq!(
+            s.sink.statistics_interval,
+            Some(telemetry::KAFKA_STATS_INTERVAL)
+        );
+    }
+
+    #[test]
     fn a_template_that_can_only_hit_a_reserved_topic_is_refused() {
         let cli =
             Cli::try_parse_from(["factlib", "relay", "--topic-template", "{prefix}.dlq"]).unwrap();
@@ -803,5 +1057,84 @@ mod tests {
         );
         assert!(parse_key_value("=x").is_err());
         assert!(parse_key_value("nokey").is_err());
+    }
+
+    fn kafka(protocol: SecurityProtocolArg) -> KafkaArgs {
+        KafkaArgs {
+            brokers: "b:9093".into(),
+            kafka_security_protocol: protocol,
+            kafka_sasl_mechanism: Some(SaslMechanismArg::ScramSha512),
+            kafka_sasl_username: Some("relay".into()),
+            kafka_sasl_password: Some(Secret::new("pw")),
+            kafka_ca: None,
+        }
+    }
+
+    #[test]
+    fn kafka_security_flags_are_checked() {
+        let s = kafka(SecurityProtocolArg::SaslSsl).security().unwrap();
+        assert_eq!(s.protocol, SecurityProtocol::SaslSsl);
+        let sasl = s.sasl.unwrap();
+        assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512);
+        assert_eq!(
+            (sasl.username.as_str(), sasl.password.expose()),
+            ("relay", "pw")
+        );
+
+        for (unset, flag) in [
+            (0, "--kafka-sasl-mechanism"),
+            (1, "--kafka-sasl-username"),
+            (2, "--kafka-sasl-password"),
+        ] {
+            let mut a = kafka(SecurityProtocolArg::SaslPlaintext);
+            match unset {
+                0 => a.kafka_sasl_mechanism = None,
+                1 => a.kafka_sasl_username = Some(String::new()),
+                _ => a.kafka_sasl_password = None,
+            }
+            let e = a.security().unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains("sasl_plaintext"), "{e}");
+        }
+
+        // Credentials under a protocol without SASL are not used.
+        let plain = kafka(SecurityProtocolArg::Plaintext).security().unwrap();
+        assert_eq!(plain, KafkaSecurity::default());
+        let ssl = kafka(SecurityProtocolArg::Ssl).security().unwrap();
+        assert_eq!((ssl.protocol, ssl.sasl), (SecurityProtocol::Ssl, None));
+
+        let mut a = kafka(SecurityProtocolArg::Ssl);
+        a.kafka_ca = Some("/nonexistent/ca.pem".into());
+        let e = a.security().unwrap_err().to_string();
+        assert!(e.contains("--kafka-ca /nonexistent/ca.pem"), "{e}");
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        a.kafka_ca = Some(ca.path().to_owned());
+        assert_eq!(a.security().unwrap().ca.as_deref(), Some(ca.path()));
+        a.kafka_security_protocol = SecurityProtocolArg::Plaintext;
+        assert_eq!(a.security().unwrap().ca, None);
+    }
+
+    #[test]
+    fn kafka_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "factlib",
+            "status",
+            "--kafka-security-protocol",
+            "sasl_ssl",
+            "--kafka-sasl-mechanism",
+            "SCRAM-SHA-256",
+        ])
+        .unwrap();
+        let Command::Status(args) = &cli.command else {
+            panic!("not status");
+        };
+        assert_eq!(
+            args.kafka.kafka_security_protocol,
+            SecurityProtocolArg::SaslSsl
+        );
+        assert_eq!(
+            args.kafka.kafka_sasl_mechanism,
+            Some(SaslMechanismArg::ScramSha256)
+        );
+        assert!(!format!("{cli:?}").contains("factlib-sasl-secret"));
     }
 }

@@ -6,7 +6,8 @@
 //! reading. Modules, one owner each:
 //! - [`lsn`]: the `Lsn` newtype.
 //! - [`pgwire`]: the sans-io replication protocol.
-//! - [`source`]: the replication connection (io_uring or tokio).
+//! - [`source`]: the replication connection (io_uring or tokio), and the
+//!   connection string and TLS (libpq `sslmode`) every connection uses.
 //! - [`fact`]: the protobuf envelope.
 //! - [`route`]: topic, key → partition (Java-compatible), per-partition rings.
 //! - [`progress`]: the stream's units (CopyData to facts) and the lowest

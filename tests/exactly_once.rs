@@ -148,15 +148,26 @@ async fn kill_9_fifteen_times_under_load_loses_and_duplicates_nothing() {
         .arg(&manifest);
     let v = run(verify, Duration::from_secs(300)).await;
     println!("{}", v.stdout.trim());
+    if !v
+        .stdout
+        .contains(" 0 missing, 0 duplicates, 0 not as written, 0 unexpected")
+    {
+        // Show what the last relay did, and where the slot stands.
+        signal(&relay, "TERM").await;
+        let out = tokio::time::timeout(Duration::from_secs(60), relay.wait_with_output()).await;
+        let log = out.map_or_else(
+            |_| "(no exit within 60 s)".to_owned(),
+            |o| String::from_utf8_lossy(&o.unwrap().stderr).into_owned(),
+        );
+        panic!(
+            "{}\nslot confirmed at {}\nthe last relay's log:\n{log}",
+            v.stdout,
+            confirmed_flush(&slot).await
+        );
+    }
     assert!(
         v.stdout.contains("isolation.level=read_committed"),
         "an exactly-once manifest is verified read_committed:\n{}",
-        v.stdout
-    );
-    assert!(
-        v.stdout
-            .contains(" 0 missing, 0 duplicates, 0 not as written, 0 unexpected"),
-        "{}",
         v.stdout
     );
     assert_eq!(v.code, 0, "{}\n{}", v.stdout, v.stderr);

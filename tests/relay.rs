@@ -395,28 +395,35 @@ async fn idle_slot_advances_on_wal_outside_the_publication() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn second_relay_on_a_busy_slot_reports_and_retries() {
+async fn second_relay_on_a_busy_slot_waits_as_a_standby_and_says_so_once() {
     let (slot, publication) = (unique("rbusy"), unique("pub"));
     let prefix = format!("p{slot}");
     setup(&slot, &publication).await;
     let first = spawn(relay(&slot, &publication, &prefix));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut second = spawn(relay(&slot, &publication, &prefix));
+    let mut second = relay(&slot, &publication, &prefix);
+    second.args(["--standby-poll-ms", "200"]);
+    let mut second = spawn(second);
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
         second.try_wait().unwrap().is_none(),
-        "the second relay keeps retrying, it does not exit"
+        "the second relay waits, it does not exit"
     );
     let out2 = stop_ok(second).await;
     let err2 = String::from_utf8_lossy(&out2.stderr);
     assert!(out2.status.success(), "{err2}");
     assert!(
-        err2.contains("is active for PID"),
-        "clear slot-in-use error:\n{err2}"
+        err2.contains("standby: replication slot") && err2.contains("is in use by PID"),
+        "it says it waits as a standby, and for whom:\n{err2}"
+    );
+    assert_eq!(
+        err2.matches("standby:").count(),
+        1,
+        "about 20 polls, one line:\n{err2}"
     );
     assert!(
-        err2.matches("retrying").count() >= 2,
-        "it retries, visibly:\n{err2}"
+        !err2.contains("retrying"),
+        "a standby is not a failure:\n{err2}"
     );
     stop_ok(first).await;
     teardown(&slot, &publication).await;
@@ -750,6 +757,79 @@ async fn command_line_errors_say_why_and_a_closed_stderr_is_no_panic() {
     drop(err);
     // Progress lines every second now fail to write.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_ok(child).await;
+    teardown(&slot, &publication).await;
+}
+
+/// `factlib status --json` for `slot`, parsed.
+async fn status_json(slot: &str, publication: &str, prefix: &str) -> serde_json::Value {
+    let mut c = factlib(slot, publication, prefix);
+    c.env("FACTLIB_BROKERS", brokers())
+        .args(["status", "--json"]);
+    let r = run(c, Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    serde_json::from_str(r.stdout.trim())
+        .unwrap_or_else(|e| panic!("status --json prints one JSON object ({e}):\n{}", r.stdout))
+}
+
+/// Issue 11, item 6: `status` gives the lag in time where it can be known
+/// (while a relay streams), says why where it can't, and `--json` carries
+/// the same fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_lag_in_time_and_as_json() {
+    let (slot, publication) = (unique("lagt"), unique("lagt_pub"));
+    let prefix = unique("lagt");
+    setup(&slot, &publication).await;
+    let ids = emit_ids(&prefix, 2, 3, 0).await;
+
+    let idle = status_json(&slot, &publication, &prefix).await;
+    assert_eq!(idle["slot"], slot.as_str());
+    assert_eq!(idle["active"], false);
+    assert!(idle["lag_bytes"].as_i64().unwrap() > 0, "{idle}");
+    assert!(idle["lag_seconds"].is_null(), "{idle}");
+    assert!(
+        idle["lag_seconds_unknown"]
+            .as_str()
+            .unwrap()
+            .contains("no relay"),
+        "{idle}"
+    );
+    assert!(idle["confirmed_flush_lsn"]
+        .as_str()
+        .unwrap()
+        .parse::<Lsn>()
+        .is_ok());
+
+    let child = spawn(relay(&slot, &publication, &prefix));
+    let got = consume_async(
+        &[format!("{prefix}.order")],
+        ids.len(),
+        Duration::ZERO,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(got.len(), ids.len());
+    // Other tests keep writing WAL, so the walsender keeps reporting a lag.
+    let mut last = serde_json::Value::Null;
+    for _ in 0..60 {
+        last = status_json(&slot, &publication, &prefix).await;
+        if last["active"] == true && last["lag_seconds"].is_f64() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("status while streaming: {last}");
+    assert_eq!(last["active"], true, "{last}");
+    let secs = last["lag_seconds"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{last}"));
+    assert!((0.0..60.0).contains(&secs), "{last}");
+    assert!(last["active_pid"].as_i64().is_some(), "{last}");
+
+    let mut c = factlib(&slot, &publication, &prefix);
+    c.env("FACTLIB_BROKERS", brokers()).arg("status");
+    let text = run(c, Duration::from_secs(60)).await;
+    assert!(text.stdout.contains("lag_seconds:"), "{}", text.stdout);
     stop_ok(child).await;
     teardown(&slot, &publication).await;
 }

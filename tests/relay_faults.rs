@@ -13,10 +13,6 @@ use tokio::sync::Mutex;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
-fn env_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/env")
-}
-
 async fn read_ids(topic: String, want: usize, limit: Duration) -> Vec<String> {
     ids_of(&consume_async(&[topic], want, Duration::from_secs(2), limit).await)
 }
@@ -93,8 +89,10 @@ async fn stop_kafka() {
     panic!("kafka did not stop");
 }
 
+/// Starts what is stopped, with the `tests/env/up` of the checkout that
+/// owns the running environment.
 async fn start_env() {
-    let up = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/env/up");
+    let up = env_root().join("../../tests/env/up");
     let out = tokio::process::Command::new(up).output().await.unwrap();
     assert!(
         out.status.success(),
@@ -497,5 +495,42 @@ async fn exactly_once_through_a_postgres_crash_loses_and_duplicates_nothing() {
         all.len()
     );
     stop_ok(child).await;
+    teardown(&slot, &publication).await;
+}
+
+/// `/readyz` answers 503 with a reason while Kafka is away and 200 again
+/// once it is back; `/healthz` stays 200 throughout (the relay is alive,
+/// only waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_kafka_through_an_outage_and_healthz_stays_up() {
+    let _serial = SERIAL.lock().await;
+    let (slot, publication) = (unique("fready"), unique("pub"));
+    let prefix = format!("p{slot}");
+    setup(&slot, &publication).await;
+    let relay = MetricsRelay::spawn(relay(&slot, &publication, &prefix)).await;
+    relay
+        .wait_status("/readyz", 200, Duration::from_secs(60))
+        .await;
+
+    stop_kafka().await;
+    let why = relay
+        .wait_status("/readyz", 503, Duration::from_secs(30))
+        .await;
+    assert!(why.starts_with("kafka: "), "{why}");
+    // Past any single report: the relay's loops keep ticking while Kafka
+    // is away.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        relay.get("/healthz", Duration::from_secs(10)).await,
+        Ok((200, "ok\n".into()))
+    );
+    assert_eq!(relay.metric("factlib_kafka_brokers_up").await, Some(0.0));
+
+    start_env().await;
+    relay
+        .wait_status("/readyz", 200, Duration::from_secs(120))
+        .await;
+    assert!(relay.metric("factlib_kafka_brokers_up").await >= Some(1.0));
+    relay.stop().await;
     teardown(&slot, &publication).await;
 }

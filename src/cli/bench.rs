@@ -29,6 +29,7 @@ use crate::config::{
 use crate::emit::{self, NewFact};
 use crate::fact;
 use crate::route::TopicTemplate;
+use crate::sink::SinkSettings;
 
 /// FNV-1a, 64 bit.
 pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
@@ -296,14 +297,13 @@ async fn verify(a: &BenchVerifyArgs) -> Result<ExitCode, CliError> {
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let brokers = a.brokers.clone();
+    let kafka = a.kafka.reader()?;
     let timeout = Duration::from_secs(a.timeout_secs);
     let want = lines.len();
-    let records = tokio::task::spawn_blocking(move || {
-        read_topics(&brokers, &topics, want, timeout, isolation)
-    })
-    .await
-    .map_err(|e| CliError::Precondition(format!("reader thread failed: {e}")))??;
+    let records =
+        tokio::task::spawn_blocking(move || read_topics(&kafka, &topics, want, timeout, isolation))
+            .await
+            .map_err(|e| CliError::Precondition(format!("reader thread failed: {e}")))??;
     let mut seen: HashMap<String, u32> = HashMap::new();
     let (mut mismatched, mut unexpected, mut checksum) = (0u64, 0u64, 0u64);
     for (topic, key, id, value) in &records {
@@ -388,7 +388,7 @@ impl Verdict {
 type Read = (String, Option<Vec<u8>>, String, Vec<u8>);
 
 fn read_topics(
-    brokers: &str,
+    kafka: &SinkSettings,
     topics: &[String],
     want: usize,
     timeout: Duration,
@@ -398,28 +398,29 @@ fn read_topics(
     use rdkafka::message::{Headers, Message};
     use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-    let kafka = |e: rdkafka::error::KafkaError| CliError::Precondition(format!("Kafka: {e}"));
+    let fail = |e: rdkafka::error::KafkaError| CliError::Precondition(format!("Kafka: {e}"));
     let group = format!("factlib-verify-{}", std::process::id());
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .set("isolation.level", isolation.as_str())
-        .create()
-        .map_err(kafka)?;
+        .set("isolation.level", isolation.as_str());
+    kafka.security.apply(&mut config);
+    let consumer: BaseConsumer = config.create().map_err(fail)?;
     let mut tpl = TopicPartitionList::new();
     for t in topics {
         let md = consumer
             .fetch_metadata(Some(t), Duration::from_secs(10))
-            .map_err(kafka)?;
+            .map_err(fail)?;
         for mt in md.topics() {
             for p in mt.partitions() {
                 tpl.add_partition_offset(mt.name(), p.id(), Offset::Beginning)
-                    .map_err(kafka)?;
+                    .map_err(fail)?;
             }
         }
     }
-    consumer.assign(&tpl).map_err(kafka)?;
+    consumer.assign(&tpl).map_err(fail)?;
     let start = Instant::now();
     let mut out = Vec::new();
     let mut quiet_since = Instant::now();
@@ -443,7 +444,7 @@ fn read_topics(
                 ));
                 quiet_since = Instant::now();
             }
-            Some(Err(e)) => return Err(kafka(e)),
+            Some(Err(e)) => return Err(fail(e)),
             None => {
                 // Everything expected is in, and nothing more came for 2 s.
                 if out.len() >= want && quiet_since.elapsed() >= Duration::from_secs(2) {

@@ -17,7 +17,7 @@ mod emit_cmd;
 use std::process::ExitCode;
 
 use crate::config::{check_name, Cli, Command, ConfigError};
-use crate::source::SourceError;
+use crate::source::{Connector, MakeRustls, SourceError, SslMode, TlsError};
 
 /// A failed command.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,9 @@ pub enum CliError {
     /// The replication stream failed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// TLS to PostgreSQL could not be set up for a SQL session.
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Tls(#[from] TlsError),
     /// The replication stream broke the protocol.
     #[error(transparent)]
     Stream(#[from] crate::progress::StreamError),
@@ -67,20 +70,63 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Connects an ordinary (non-replication) session for SQL.
+/// Connects an ordinary (non-replication) session for SQL, over TLS as
+/// the URL's `sslmode` (or `PGSSLMODE`) says.
 pub async fn connect_sql(url: &str) -> Result<tokio_postgres::Client, CliError> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(|source| CliError::Postgres {
-            context: "cannot connect to PostgreSQL (check --database-url / FACTLIB_DATABASE_URL and that the server is running)".into(),
-            source,
-        })?;
+    let (config, tls) = crate::source::sql_config(url).map_err(ConfigError::from)?;
+    let connected = match Connector::new(&tls)? {
+        None => config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map(|(client, conn)| spawn_connection(client, conn)),
+        Some(connector) => config
+            .connect(MakeRustls::new(connector))
+            .await
+            .map(|(client, conn)| spawn_connection(client, conn)),
+    };
+    connected.map_err(|source| sql_connect_error(source, tls.mode))
+}
+
+fn spawn_connection<S, T>(
+    client: tokio_postgres::Client,
+    conn: tokio_postgres::Connection<S, T>,
+) -> tokio_postgres::Client
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
     tokio::task::spawn_local(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "postgres connection ended");
         }
     });
-    Ok(client)
+    client
+}
+
+/// A failed connect, with TLS failures told as the replication client
+/// tells them.
+fn sql_connect_error(source: tokio_postgres::Error, mode: SslMode) -> CliError {
+    // tokio-postgres 0.7 reports an `N` to its SSLRequest under
+    // sslmode=require with this text and no error type of its own.
+    let refused = source.as_db_error().is_none()
+        && std::error::Error::source(&source)
+            .is_some_and(|s| s.to_string() == "server does not support TLS");
+    if refused {
+        return CliError::Tls(TlsError::Refused { mode });
+    }
+    let is_ours = std::error::Error::source(&source).is_some_and(|s| s.is::<TlsError>());
+    if is_ours {
+        return match source.into_source().map(|s| s.downcast::<TlsError>()) {
+            Some(Ok(tls)) => CliError::Tls(*tls),
+            // Not reached: the source was checked to be a TlsError.
+            Some(Err(other)) => CliError::Precondition(crate::source::error_chain(&*other)),
+            None => CliError::Precondition("cannot connect to PostgreSQL over TLS".into()),
+        };
+    }
+    CliError::Postgres {
+        context: "cannot connect to PostgreSQL (check --database-url / FACTLIB_DATABASE_URL and that the server is running)".into(),
+        source,
+    }
 }
 
 /// A flag that turns `true` on the first SIGTERM or SIGINT.

@@ -11,17 +11,50 @@ use crate::route::checkpoint_topic;
 use crate::sink::checkpoint::{self, Source};
 use crate::sink::{SinkError, SinkSettings};
 
+/// What `status` reports, printed as aligned text or (`--json`) as one
+/// JSON object.
+#[derive(Debug, serde::Serialize)]
+struct Status {
+    slot: String,
+    plugin: Option<String>,
+    active: bool,
+    active_pid: Option<i32>,
+    confirmed_flush_lsn: Option<String>,
+    restart_lsn: Option<String>,
+    current_wal_lsn: String,
+    lag_bytes: Option<i64>,
+    /// How far behind in time, where it can be known: 0 with nothing to
+    /// confirm; the walsender's `flush_lag` while a relay streams.
+    lag_seconds: Option<f64>,
+    /// Why `lag_seconds` is unknown.
+    lag_seconds_unknown: Option<&'static str>,
+    retained_wal_bytes: Option<i64>,
+    wal_status: Option<String>,
+    checkpoint_topic: String,
+    checkpoint: Option<String>,
+    /// Why the checkpoint could not be read.
+    checkpoint_error: Option<String>,
+    slot_behind_checkpoint_bytes: Option<u64>,
+}
+
 /// Runs `factlib status`. Exits 1 if the slot is missing.
 pub async fn run(common: &CommonArgs, args: &StatusArgs) -> Result<ExitCode, CliError> {
+    let kafka = args.kafka.reader()?;
     let client = connect_sql(&common.database_url).await?;
+    // The walsender's flush_lag: the time between WAL being flushed here and
+    // the relay confirming it, as of its last status update. NULL once it
+    // has caught up and nothing new was written.
     let row = client
         .query_opt(
-            "SELECT plugin, active, active_pid, confirmed_flush_lsn::text, restart_lsn::text, \
-                    pg_current_wal_lsn()::text, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
-                    wal_status \
-             FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT s.plugin, s.active, s.active_pid, s.confirmed_flush_lsn::text, \
+                    s.restart_lsn::text, pg_current_wal_lsn()::text, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint, \
+                    s.wal_status, \
+                    extract(epoch FROM r.flush_lag)::float8 \
+             FROM pg_replication_slots s \
+             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = $1",
             &[&common.slot],
         )
         .await
@@ -30,49 +63,102 @@ pub async fn run(common: &CommonArgs, args: &StatusArgs) -> Result<ExitCode, Cli
             source,
         })?;
     let Some(r) = row else {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "slot": common.slot, "exists": false })
+            );
+        }
         eprintln!(
             "error: replication slot \"{}\" does not exist; run `factlib setup` to create it",
             common.slot
         );
         return Ok(ExitCode::from(1));
     };
-    let plugin: Option<String> = r.get(0);
     let active: bool = r.get(1);
-    let pid: Option<i32> = r.get(2);
-    let confirmed: Option<String> = r.get(3);
-    let restart: Option<String> = r.get(4);
-    let current: String = r.get(5);
     let lag: Option<i64> = r.get(6);
-    let retained: Option<i64> = r.get(7);
-    let wal_status: Option<String> = r.get(8);
-    let none = || "-".to_owned();
-    println!("slot:                {}", common.slot);
-    println!("plugin:              {}", plugin.unwrap_or_else(none));
-    match pid {
-        Some(pid) if active => println!("active:              yes (pid {pid})"),
-        _ => println!("active:              no"),
+    let flush_lag: Option<f64> = r.get(9);
+    let (lag_seconds, lag_seconds_unknown) = match (lag, active, flush_lag) {
+        (Some(0), _, _) => (Some(0.0), None),
+        (_, true, Some(secs)) => (Some(secs), None),
+        (_, true, None) => (
+            None,
+            Some("the walsender reports none: caught up, or no status update yet"),
+        ),
+        (_, false, _) => (None, Some("no relay is streaming from the slot")),
+    };
+    let topic = checkpoint_topic(&common.prefix);
+    let mut st = Status {
+        slot: common.slot.clone(),
+        plugin: r.get(0),
+        active,
+        active_pid: r.get::<_, Option<i32>>(2).filter(|_| active),
+        confirmed_flush_lsn: r.get(3),
+        restart_lsn: r.get(4),
+        current_wal_lsn: r.get(5),
+        lag_bytes: lag,
+        lag_seconds,
+        lag_seconds_unknown,
+        retained_wal_bytes: r.get(7),
+        wal_status: r.get(8),
+        checkpoint_topic: topic.clone(),
+        checkpoint: None,
+        checkpoint_error: None,
+        slot_behind_checkpoint_bytes: None,
+    };
+    match stored_checkpoint(&client, common, kafka, &topic).await {
+        Ok(Some(c)) => {
+            let slot: Option<Lsn> = st
+                .confirmed_flush_lsn
+                .as_deref()
+                .and_then(|c| c.parse().ok());
+            st.slot_behind_checkpoint_bytes = Some(slot.map_or(0, |s| c.0.saturating_sub(s.0)));
+            st.checkpoint = Some(c.to_string());
+        }
+        Ok(None) => {}
+        Err(e) => st.checkpoint_error = Some(e),
     }
-    println!(
-        "confirmed_flush_lsn: {}",
-        confirmed.clone().unwrap_or_else(none)
-    );
-    println!("restart_lsn:         {}", restart.unwrap_or_else(none));
-    println!("current_wal_lsn:     {current}");
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&st).map_err(|e| CliError::Precondition(e.to_string()))?
+        );
+    } else {
+        print_text(&st);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_text(st: &Status) {
+    let none = || "-".to_owned();
+    let text = |v: &Option<String>| v.clone().unwrap_or_else(none);
+    println!("slot:                {}", st.slot);
+    println!("plugin:              {}", text(&st.plugin));
+    match st.active_pid {
+        Some(pid) => println!("active:              yes (pid {pid})"),
+        None => println!("active:              no"),
+    }
+    println!("confirmed_flush_lsn: {}", text(&st.confirmed_flush_lsn));
+    println!("restart_lsn:         {}", text(&st.restart_lsn));
+    println!("current_wal_lsn:     {}", st.current_wal_lsn);
     println!(
         "lag_bytes:           {}",
-        lag.map_or_else(none, |v| v.to_string())
+        st.lag_bytes.map_or_else(none, |v| v.to_string())
     );
+    match (st.lag_seconds, st.lag_seconds_unknown) {
+        (Some(s), _) => println!("lag_seconds:         {s:.3}"),
+        (None, why) => println!("lag_seconds:         unknown ({})", why.unwrap_or("-")),
+    }
     println!(
         "retained_wal_bytes:  {}",
-        retained.map_or_else(none, |v| v.to_string())
+        st.retained_wal_bytes.map_or_else(none, |v| v.to_string())
     );
-    println!("wal_status:          {}", wal_status.unwrap_or_else(none));
-    let topic = checkpoint_topic(&common.prefix);
-    match stored_checkpoint(&client, common, args, &topic).await {
-        Ok(Some(c)) => {
+    println!("wal_status:          {}", text(&st.wal_status));
+    let topic = &st.checkpoint_topic;
+    match (&st.checkpoint, &st.checkpoint_error) {
+        (Some(c), _) => {
             println!("checkpoint:          {c} (in {topic})");
-            let slot: Option<Lsn> = confirmed.and_then(|c| c.parse().ok());
-            let behind = slot.map_or(0, |s| c.0.saturating_sub(s.0));
+            let behind = st.slot_behind_checkpoint_bytes.unwrap_or(0);
             println!("slot_behind_checkpoint_bytes: {behind}");
             if behind > 0 {
                 println!(
@@ -81,10 +167,9 @@ pub async fn run(common: &CommonArgs, args: &StatusArgs) -> Result<ExitCode, Cli
                 );
             }
         }
-        Ok(None) => println!("checkpoint:          none (no exactly-once commit in {topic})"),
-        Err(e) => println!("checkpoint:          unknown ({e})"),
+        (None, Some(e)) => println!("checkpoint:          unknown ({e})"),
+        (None, None) => println!("checkpoint:          none (no exactly-once commit in {topic})"),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The checkpoint of this source in `topic`; `None` if there is none (or no
@@ -92,7 +177,7 @@ pub async fn run(common: &CommonArgs, args: &StatusArgs) -> Result<ExitCode, Cli
 async fn stored_checkpoint(
     client: &tokio_postgres::Client,
     common: &CommonArgs,
-    args: &StatusArgs,
+    sink: SinkSettings,
     topic: &str,
 ) -> Result<Option<Lsn>, String> {
     let row = client
@@ -108,10 +193,6 @@ async fn stored_checkpoint(
         slot: common.slot.clone(),
     }
     .key();
-    let sink = SinkSettings {
-        brokers: args.brokers.clone(),
-        ..SinkSettings::default()
-    };
     let topic = topic.to_owned();
     let read = tokio::task::spawn_blocking(move || {
         checkpoint::read(&sink, &topic, &key, Duration::from_secs(10))

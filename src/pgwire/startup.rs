@@ -1,6 +1,7 @@
 //! Sans-io connection startup, authentication and simple queries.
 //!
 //! ```text
+//!  ssl_request ──► SSLRequest bytes ──► server ──► one byte ──► SslAnswer::parse ──► TLS or plain
 //!  Startup::new ──► startup message bytes ──► server
 //!  server ──► Backend ──► Startup::handle ──► (reply bytes) ... ──► Ready
 //!  SimpleQuery::new(sql) ──► Query bytes; Backend ──► SimpleQuery::handle ──► rows
@@ -21,6 +22,41 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 
 use super::backend::{Backend, ServerError};
+use super::DecodeError;
+
+/// Appends an SSLRequest: the 8 bytes (length 8, code 80877103) that ask
+/// the server, before the startup message, whether it will speak TLS.
+pub(crate) fn ssl_request(out: &mut BytesMut) {
+    frontend::ssl_request(out);
+}
+
+/// The server's one-byte answer to an SSLRequest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SslAnswer {
+    /// `S`: the TLS handshake comes next.
+    Tls,
+    /// `N`: the server does not accept TLS; the session may go on in plain.
+    Plain,
+    /// `E`: the server answered with an error message instead (a server
+    /// that could not start a backend, or one older than SSLRequest). Its
+    /// text is not read: after an SSLRequest it may be unframed.
+    Error,
+}
+
+impl SslAnswer {
+    /// Decodes the answer byte; anything else is a protocol violation.
+    pub(crate) fn parse(byte: u8) -> Result<SslAnswer, DecodeError> {
+        match byte {
+            b'S' => Ok(SslAnswer::Tls),
+            b'N' => Ok(SslAnswer::Plain),
+            b'E' => Ok(SslAnswer::Error),
+            tag => Err(DecodeError::UnknownTag {
+                context: "SSLRequest answer",
+                tag,
+            }),
+        }
+    }
+}
 
 /// What to start the connection with.
 #[derive(Debug, Clone)]
@@ -291,6 +327,27 @@ mod tests {
             database: "d".into(),
             application_name: "t".into(),
             replication: true,
+        }
+    }
+
+    #[test]
+    fn ssl_request_is_the_eight_byte_code() {
+        let mut out = BytesMut::new();
+        ssl_request(&mut out);
+        assert_eq!(&out[..], &[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+        assert_eq!(i32::from_be_bytes([0x04, 0xd2, 0x16, 0x2f]), 80_877_103);
+    }
+
+    #[test]
+    fn ssl_answers_decode_and_others_are_errors() {
+        assert_eq!(SslAnswer::parse(b'S'), Ok(SslAnswer::Tls));
+        assert_eq!(SslAnswer::parse(b'N'), Ok(SslAnswer::Plain));
+        assert_eq!(SslAnswer::parse(b'E'), Ok(SslAnswer::Error));
+        for b in [0u8, b'R', 0x16, 0xff] {
+            assert!(matches!(
+                SslAnswer::parse(b),
+                Err(DecodeError::UnknownTag { tag, .. }) if tag == b
+            ));
         }
     }
 

@@ -74,6 +74,9 @@ pub struct Txn {
     pub xid: u32,
     /// Its commit LSN (Begin's final LSN).
     pub commit_lsn: Lsn,
+    /// Its commit timestamp as the server reported it (Begin's), in
+    /// microseconds since the PostgreSQL epoch (2000-01-01 UTC).
+    pub commit_ts: i64,
 }
 
 /// A fact to deliver.
@@ -152,6 +155,7 @@ impl Stream {
                 self.open = Some(Txn {
                     xid: b.xid,
                     commit_lsn: b.final_lsn,
+                    commit_ts: b.commit_ts,
                 });
                 Ok(None)
             }
@@ -295,7 +299,7 @@ mod tests {
                 M::Begin(final_lsn, xid) => {
                     p.put_u8(b'B');
                     p.put_u64(final_lsn);
-                    p.put_i64(0);
+                    p.put_i64(0x7E57);
                     p.put_u32(xid);
                 }
                 M::Commit(end) => {
@@ -371,6 +375,7 @@ mod tests {
         let txn = Some(Txn {
             xid: 7,
             commit_lsn: Lsn(0x100),
+            commit_ts: 0x7E57,
         });
         assert!(facts.iter().all(|f| f.txn == txn));
         assert_eq!(facts[1].lsn, Lsn(0x30));

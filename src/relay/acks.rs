@@ -151,18 +151,22 @@ impl Acks {
                     error,
                     ..
                 }) if per_record || refused_for_good(&error) => {
+                    telemetry::produce_failed();
                     return Err(RelayError::Delivery(Box::new(Refused {
                         advice: refusal_advice(&error, self.max_message_bytes),
                         topic,
                         bytes,
                         error,
-                    })))
+                    })));
                 }
                 // In a transaction the commit decides: a record that failed
                 // on the way makes it fail, and it is aborted.
-                Ok(Delivery::Failed { .. }) => {}
+                Ok(Delivery::Failed { .. }) => telemetry::produce_failed(),
                 Ok(Delivery::Reset) => self.reset_answered = true,
-                Ok(Delivery::Broken(e)) => return Err(RelayError::Sink(e)),
+                Ok(Delivery::Broken(e)) => {
+                    telemetry::produce_failed();
+                    return Err(RelayError::Sink(e));
+                }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => return Ok(()),
             }
         }

@@ -2,7 +2,7 @@
 //! streams anything, and dropping it.
 //!
 //! ```text
-//!  connect ──IDENTIFY_SYSTEM──► Source key ──(once) init_transactions, checkpoint topic ready, read C──► C
+//!  connect ──IDENTIFY_SYSTEM, START_REPLICATION──► Source key ──(once) init_transactions, checkpoint topic ready, read C──► C
 //!                                └─ every connect: C ≤ server's WAL position, or refuse to start
 //!  progress::Fact ──Checkpoint::covers(C)?──► yes: acked at once, counted, not sent
 //!                                         └─► no: delivered
@@ -16,8 +16,10 @@
 //!   fences any older producer with either transactional id and aborts its
 //!   open transaction, so no checkpoint can be committed behind our back
 //!   after we read C.
-//! - Nothing is streamed before C is known (or `--reset-checkpoint` said to
-//!   ignore it), and C never passes the server's WAL position.
+//! - Nothing streamed is read before C is known (or `--reset-checkpoint`
+//!   said to ignore it), and C never passes the server's WAL position.
+//! - `init_transactions` runs only once START_REPLICATION holds the slot: a
+//!   relay that did not get the slot never fences the one that did.
 //! - C is read once per process. Later connections restart at the stream's
 //!   watermark, which is past every unit committed since (the relay waits
 //!   for the flusher's answer to a reset before it restarts the stream).
@@ -173,12 +175,26 @@ impl Exactly {
                 None => self.topics.checkpoints(&self.topic).await,
             }
         };
-        let Some((init, topic)) = until_stopped(async { tokio::join!(init, topic) }, stop).await
-        else {
+        // A definite answer about the topic (the brokers refused the
+        // credentials, say) need not wait for init_transactions, which
+        // librdkafka retries until its timeout; the relay stops on it.
+        let both = async {
+            tokio::pin!(init, topic);
+            tokio::select! {
+                t = &mut topic => match t {
+                    Err(e) if !e.is_transient() => (None, Err(e)),
+                    t => (Some(init.await), t),
+                },
+                i = &mut init => (Some(i), topic.await),
+            }
+        };
+        let Some((init, topic)) = until_stopped(both, stop).await else {
             return Ok(Prepared::Stopped);
         };
-        init?;
-        self.initialized = true;
+        if let Some(init) = init {
+            init?;
+            self.initialized = true;
+        }
         topic?;
         let c = match self.checkpoint {
             Some(c) => c,

@@ -91,12 +91,24 @@ pub enum RelayError {
     /// Exactly-once cannot start from the checkpoint it found.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// Another process streams from the slot: this relay waits as a
+    /// standby.
+    #[error("replication slot {slot:?} is in use by PID {pid} (another relay?)")]
+    SlotInUse {
+        /// The slot.
+        slot: String,
+        /// The walsender serving the other process.
+        pid: i32,
+    },
     /// An ack that matches no fact in flight.
     #[error("unexpected delivery report: {0}")]
     Progress(#[from] ProgressError),
     /// Starting a thread failed.
     #[error("cannot start a flusher thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The metrics endpoint cannot start.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
     /// A bug: an invariant of the relay itself broke.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -114,7 +126,19 @@ impl RelayError {
             RelayError::Route(e) => e.is_transient(),
             RelayError::Checkpoint(e) => e.is_transient(),
             RelayError::Progress(e) => e.is_transient(),
+            RelayError::SlotInUse { .. } => true,
+            RelayError::Telemetry(e) => e.is_transient(),
             RelayError::Delivery(_) | RelayError::Thread(_) | RelayError::Internal(_) => false,
+        }
+    }
+
+    /// True when another process holds the slot: checked before streaming,
+    /// or refused by START_REPLICATION (two relays checked at once).
+    fn slot_in_use(&self) -> bool {
+        match self {
+            RelayError::SlotInUse { .. } => true,
+            RelayError::Source(e) => e.sqlstate() == Some("55006"),
+            _ => false,
         }
     }
 }
@@ -193,8 +217,12 @@ pub struct RelaySettings {
     pub shutdown_timeout: Duration,
     /// The longest wait between attempts after a transient failure.
     pub max_backoff: Duration,
+    /// How often a standby checks whether the slot is free.
+    pub standby_poll: Duration,
     /// Stop once everything up to this position is confirmed.
     pub stop_at_lsn: Option<Lsn>,
+    /// Serve metrics, `/healthz` and `/readyz`; `None`: don't.
+    pub metrics: Option<telemetry::MetricsSettings>,
 }
 
 impl Default for RelaySettings {
@@ -202,10 +230,12 @@ impl Default for RelaySettings {
         RelaySettings {
             connection: ConnectionConfig {
                 host: "127.0.0.1".into(),
+                hostaddr: None,
                 port: 54329,
                 user: "factlib".into(),
                 password: Some("factlib".into()),
                 dbname: "factlib".into(),
+                tls: crate::source::TlsSettings::default(),
             },
             slot: "factlib".into(),
             publication: "factlib".into(),
@@ -221,7 +251,9 @@ impl Default for RelaySettings {
             progress_interval: Some(Duration::from_secs(10)),
             shutdown_timeout: Duration::from_secs(30),
             max_backoff: Duration::from_secs(30),
+            standby_poll: Duration::from_secs(1),
             stop_at_lsn: None,
+            metrics: None,
         }
     }
 }
@@ -229,6 +261,9 @@ impl Default for RelaySettings {
 /// Runs the relay until `stop` turns true (SIGTERM/SIGINT) or a definite
 /// error. Wires the stages; [`Relay::run`] does the rest.
 pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result<(), RelayError> {
+    if let Some(m) = &settings.metrics {
+        telemetry::serve(m)?;
+    }
     let (ack_tx, ack_rx) = crossbeam::channel::unbounded();
     let wake = Arc::new(Notify::new());
     let exactly_once = match &settings.delivery {
@@ -304,10 +339,14 @@ pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result
         deliver: Deliver::new(router, topics(), Arc::clone(&rings), settings.shape),
         exactly,
         reconnect: Reconnect::new(settings.max_backoff),
+        standby_since: None,
+        clock: telemetry::CommitClock::new(),
         settings,
         stop,
     };
+    let heartbeat = telemetry::spawn_relay_heartbeat();
     let result = relay.run().await;
+    heartbeat.abort();
     rings.close();
     for h in flushers {
         let _ = h.join();
@@ -343,6 +382,10 @@ struct Relay {
     /// Exactly-once: the checkpoint, and dropping what it covers.
     exactly: Option<Exactly>,
     reconnect: Reconnect,
+    /// Since when this relay waits as a standby for the slot.
+    standby_since: Option<std::time::Instant>,
+    /// Commit → ack timing of the transactions in flight.
+    clock: telemetry::CommitClock,
     stop: watch::Receiver<bool>,
 }
 
@@ -365,12 +408,25 @@ impl Relay {
                 Ended::Stopped => return Ok(()),
                 Ended::Lost { error, streamed } => (error, streamed),
             };
-            let wait = self.reconnect.next(streamed);
-            telemetry::Interrupted {
-                error: &error,
-                retry_in: wait,
-            }
-            .emit();
+            let wait = if error.slot_in_use() {
+                if self.standby_since.is_none() {
+                    self.standby_since = Some(std::time::Instant::now());
+                    telemetry::Standby {
+                        error: &error,
+                        poll: self.settings.standby_poll,
+                    }
+                    .emit();
+                }
+                self.settings.standby_poll
+            } else {
+                let wait = self.reconnect.next(streamed);
+                telemetry::Interrupted {
+                    error: &error,
+                    retry_in: wait,
+                }
+                .emit();
+                wait
+            };
             // What was handed to Kafka must be settled (acknowledged, or
             // in exactly-once committed or aborted) before streaming
             // restarts at the watermark.
@@ -382,7 +438,9 @@ impl Relay {
             {
                 return Ok(());
             }
+            self.clock.acknowledged_through(self.stream.watermark());
             self.stream.restart();
+            self.clock.clear();
             self.acks.next_generation();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

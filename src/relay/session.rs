@@ -70,7 +70,9 @@ impl Relay {
     /// transient one ([`Ended::Lost`]).
     pub(super) async fn session(&mut self) -> Result<Ended, RelayError> {
         let mut streaming_since = None;
-        match self.stream_once(&mut streaming_since).await {
+        let ended = self.stream_once(&mut streaming_since).await;
+        telemetry::stream_ended();
+        match ended {
             Err(error) if error.is_transient() => Ok(Ended::Lost {
                 error,
                 streamed: streaming_since.map_or(Duration::ZERO, |s: Instant| s.elapsed()),
@@ -89,7 +91,7 @@ impl Relay {
             slot: &self.settings.slot,
             backend_pid: conn.backend_pid(),
             start,
-            transport: self.settings.source.transport.resolve().name(),
+            transport: conn.transport().name(),
         }
         .emit();
         let mut timers = Timers::new(
@@ -102,6 +104,7 @@ impl Relay {
         loop {
             self.acks.apply(&mut self.stream)?;
             let mark = self.stream.watermark();
+            self.clock.acknowledged_through(mark);
             // One clock read per message serves both timers.
             let now = Instant::now();
             if mark > conn.confirmed() && timers.confirm_due(now) {
@@ -120,6 +123,8 @@ impl Relay {
                 return self.finish(conn).await;
             }
             let Some(body) = run.next_body() else {
+                // Once per run of messages, and on each wake-up.
+                telemetry::publish(self.acks.outstanding(), conn.confirmed(), conn.server_lsn());
                 let deadline = timers.deadline(mark > conn.confirmed());
                 let (acks, stop) = (&self.acks, &mut self.stop);
                 let interrupt = async {
@@ -141,13 +146,20 @@ impl Relay {
                         continue;
                     }
                 }
+                // Timed from its commit once the watermark passes it.
+                let commit = fact.unit_end.zip(fact.txn.map(|t| t.commit_ts));
                 let opaque = self.acks.opaque(fact.token);
                 let mut w = Waiting {
                     conn: &mut conn,
                     stop: &mut self.stop,
                 };
                 match self.deliver.fact(fact, opaque, &mut w).await? {
-                    Delivered::Pushed => self.acks.handed(),
+                    Delivered::Pushed => {
+                        self.acks.handed();
+                        if let Some((end, commit_ts)) = commit {
+                            self.clock.handed(end, commit_ts);
+                        }
+                    }
                     // Its unit stays unconfirmed: it comes again next time.
                     Delivered::Stopped => return self.finish(conn).await,
                 }
@@ -155,19 +167,36 @@ impl Relay {
         }
     }
 
-    /// Connects and starts streaming at `start`; in exactly-once mode,
-    /// first makes sure of the checkpoint. `None` if a stop came first.
+    /// Connects and starts streaming at `start` (a slot another process
+    /// streams from is [`RelayError::SlotInUse`]); in exactly-once mode,
+    /// then makes sure of the checkpoint. `None` if a stop came first.
     async fn connect(&mut self, start: Lsn) -> Result<Option<ReplicationStream>, RelayError> {
         let s = &self.settings;
         let mut conn = ReplicationStream::connect(&s.connection, &s.source).await?;
         let id = conn.identify_system().await?;
+        if let Some(pid) = slot_holder(&mut conn, &s.slot).await? {
+            return Err(RelayError::SlotInUse {
+                slot: s.slot.clone(),
+                pid,
+            });
+        }
+        // The slot first, then Kafka: a relay that lost the race for the
+        // slot to another one must not fence that one's transactional
+        // producers. Until prepared, the stream waits in the socket.
+        conn.start_pgoutput(&s.slot, start, &s.publication).await?;
         if let Some(x) = self.exactly.as_mut() {
             let dbname = &s.connection.dbname;
             if x.prepare(&id, dbname, &mut self.stop).await? == Prepared::Stopped {
                 return Ok(None);
             }
         }
-        conn.start_pgoutput(&s.slot, start, &s.publication).await?;
+        if let Some(since) = self.standby_since.take() {
+            telemetry::TookOver {
+                slot: &s.slot,
+                waited: since.elapsed(),
+            }
+            .emit();
+        }
         Ok(Some(conn))
     }
 
@@ -201,6 +230,8 @@ impl Relay {
         }
         let mark = self.stream.watermark();
         conn.confirm(mark);
+        self.clock.acknowledged_through(mark);
+        telemetry::publish(self.acks.outstanding(), conn.confirmed(), conn.server_lsn());
         if let Err(e) = conn.shutdown(Duration::from_secs(5)).await {
             tracing::warn!(error = %e, "could not send the final position; it will be resent from the last confirmed one");
         }
@@ -208,6 +239,17 @@ impl Relay {
         tracing::info!(confirmed = %mark, "relay stopped");
         Ok(Ended::Stopped)
     }
+}
+
+/// The process id of the walsender that streams from `slot`, if one does.
+async fn slot_holder(conn: &mut ReplicationStream, slot: &str) -> Result<Option<i32>, RelayError> {
+    // The slot name is checked (lowercase letters, digits, `_`) by config.
+    let sql = format!("SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'");
+    let rows = conn.query(&sql).await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|pid| pid.parse().ok()))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

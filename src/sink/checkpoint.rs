@@ -110,7 +110,7 @@ pub fn holds_nothing(
 ) -> Result<bool, SinkError> {
     let (low, high) = client
         .watermarks(topic, 0, timeout)
-        .map_err(reading(topic))?;
+        .map_err(|e| client.or_refused(reading(topic)(e)))?;
     Ok(high <= low)
 }
 
@@ -132,7 +132,6 @@ pub fn read(
     key: &[u8],
     timeout: Duration,
 ) -> Result<Option<Lsn>, SinkError> {
-    let kafka = reading(topic);
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &sink.brokers)
         .set("group.id", "factlib-checkpoint-reader")
@@ -142,10 +141,25 @@ pub fn read(
         // The broker holds a fetch that finds nothing new for this long;
         // the default (500 ms) would be added to every start.
         .set("fetch.wait.max.ms", "10");
+    sink.security.apply(&mut c);
     for (k, v) in sink.extra.iter().filter(|(k, _)| is_client_property(k)) {
         c.set(k, v);
     }
-    let consumer: BaseConsumer<Quiet> = c.create_with_context(Quiet).map_err(SinkError::Config)?;
+    let consumer: BaseConsumer<Quiet> = c
+        .create_with_context(Quiet::default())
+        .map_err(SinkError::Config)?;
+    // A failure after the brokers refused the credentials is that refusal.
+    newest(&consumer, topic, key, timeout).map_err(|e| consumer.context().refusal().unwrap_or(e))
+}
+
+/// [`read`] with its consumer.
+fn newest(
+    consumer: &BaseConsumer<Quiet>,
+    topic: &str,
+    key: &[u8],
+    timeout: Duration,
+) -> Result<Option<Lsn>, SinkError> {
+    let kafka = reading(topic);
     let md = consumer
         .fetch_metadata(Some(topic), timeout)
         .map_err(kafka)?;
@@ -164,7 +178,7 @@ pub fn read(
     let mut window = FIRST_WINDOW;
     while end > low {
         let start = end.saturating_sub(window).max(low);
-        let found = newest_in(&consumer, topic, key, start..end, deadline)?;
+        let found = newest_in(consumer, topic, key, start..end, deadline)?;
         if found.is_some() {
             return Ok(found);
         }
@@ -229,8 +243,22 @@ fn newest_in(
 
 /// The reader's client context: librdkafka's end-of-partition event is
 /// what the reader waits for, not trouble; the rest goes where the
-/// producer's goes.
-struct Quiet;
+/// producer's goes, and a refusal of the credentials is kept.
+#[derive(Default)]
+struct Quiet {
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl Quiet {
+    /// The brokers' refusal of the credentials, if they refused them.
+    fn refusal(&self) -> Option<SinkError> {
+        let reason = self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        reason.clone().map(SinkError::Authentication)
+    }
+}
 
 impl ClientContext for Quiet {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -240,6 +268,12 @@ impl ClientContext for Quiet {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
             super::kafka::librdkafka_error(&error, reason);
+        }
+        if let Some(why) = super::kafka::credentials_refused(&error, reason) {
+            *self
+                .refused
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
         }
     }
 }

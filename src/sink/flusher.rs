@@ -31,6 +31,7 @@ use super::kafka::{Delivery, SendOutcome};
 use super::record::Record;
 use super::Producer;
 use crate::route::Rings;
+use crate::telemetry::Beat;
 
 /// Records taken from a ring at a time.
 const BATCH: usize = 512;
@@ -56,6 +57,7 @@ pub fn spawn<P: Producer>(
                 wake,
                 closed_full_since: None,
                 given_up: 0,
+                beat: Beat::register(format!("flusher-{k}")),
             }
             .run(k, &rings)
         })
@@ -69,6 +71,8 @@ struct Flusher<P> {
     closed_full_since: Option<std::time::Instant>,
     /// Records given up after the rings closed.
     given_up: u64,
+    /// Liveness: ticked on each pass (`/healthz`).
+    beat: Beat,
 }
 
 impl<P: Producer> Flusher<P> {
@@ -76,6 +80,7 @@ impl<P: Producer> Flusher<P> {
         let mine: Vec<usize> = rings.rings_of(k).collect();
         let mut batch = Vec::with_capacity(BATCH);
         loop {
+            self.beat.tick();
             let mut took = 0;
             for &ring in &mine {
                 took += rings.pop_into(ring, &mut batch, BATCH);
@@ -110,6 +115,7 @@ impl<P: Producer> Flusher<P> {
                 }
                 Ok(SendOutcome::Full(back)) => {
                     rec = back;
+                    self.beat.tick();
                     if rings.is_closed() {
                         let since = *self
                             .closed_full_since

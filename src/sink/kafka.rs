@@ -22,7 +22,7 @@
 //! - The admin client made for topic creation never carries the
 //!   `transactional.id`.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use crossbeam::channel::Sender;
@@ -36,6 +36,7 @@ use rdkafka::producer::{
 use rdkafka::types::RDKafkaRespErr;
 
 use super::record::Record;
+use super::security::KafkaSecurity;
 use super::topics::CreateTopics;
 use super::txn::{Transactional, TxnError, TxnErrorKind};
 use super::SinkError;
@@ -71,6 +72,8 @@ impl Compression {
 pub struct SinkSettings {
     /// `bootstrap.servers`.
     pub brokers: String,
+    /// Security protocol, SASL credentials, CA.
+    pub security: KafkaSecurity,
     /// `compression.type`.
     pub compression: Compression,
     /// `linger.ms`.
@@ -88,12 +91,16 @@ pub struct SinkSettings {
     pub max_message_bytes: u64,
     /// Extra librdkafka properties, `key=value`, applied last.
     pub extra: Vec<(String, String)>,
+    /// `statistics.interval.ms`: how often librdkafka reports its brokers'
+    /// states (for `/readyz`); `None`: never.
+    pub statistics_interval: Option<Duration>,
 }
 
 impl Default for SinkSettings {
     fn default() -> Self {
         SinkSettings {
             brokers: "127.0.0.1:19092".to_owned(),
+            security: KafkaSecurity::default(),
             compression: Compression::Lz4,
             linger_ms: 1,
             batch_bytes: 1 << 20,
@@ -102,6 +109,7 @@ impl Default for SinkSettings {
             queue_kbytes: 16_384,
             max_message_bytes: 1_000_000,
             extra: Vec::new(),
+            statistics_interval: None,
         }
     }
 }
@@ -153,6 +161,8 @@ pub struct AckContext {
     wake: Arc<tokio::sync::Notify>,
     /// Exactly-once: a delivered record says nothing (its commit will).
     transactional: bool,
+    /// Why the brokers refused the credentials, once they did.
+    refused: std::sync::Mutex<Option<String>>,
 }
 
 impl ClientContext for AckContext {
@@ -162,7 +172,68 @@ impl ClientContext for AckContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         librdkafka_error(&error, reason);
+        if let Some(why) = credentials_refused(&error, reason) {
+            let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+            if refused.is_none() {
+                *refused = Some(why.clone());
+                let _ = self
+                    .acks
+                    .send(Delivery::Broken(SinkError::Authentication(why)));
+                self.wake.notify_one();
+            }
+        }
     }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        broker_states(statistics);
+    }
+}
+
+/// The part of librdkafka's statistics JSON that says which brokers are
+/// connected.
+#[derive(serde::Deserialize)]
+struct Statistics {
+    brokers: std::collections::HashMap<String, BrokerState>,
+}
+
+#[derive(serde::Deserialize)]
+struct BrokerState {
+    /// INIT, DOWN, CONNECT, …, UP.
+    state: String,
+    /// `configured` (bootstrap), `learned`, `internal` or `logical`.
+    source: String,
+}
+
+/// Counts the real brokers (bootstrap or learned; not librdkafka's
+/// internal or logical ones) in state UP, for `/readyz`. Statistics that do
+/// not parse are ignored.
+fn broker_states(json: &[u8]) {
+    if let Some((up, total)) = brokers_up(json) {
+        crate::telemetry::KafkaBrokers { up, total }.emit();
+    }
+}
+
+/// (brokers up, brokers) in librdkafka's statistics JSON.
+fn brokers_up(json: &[u8]) -> Option<(usize, usize)> {
+    let stats = serde_json::from_slice::<Statistics>(json).ok()?;
+    let real = || {
+        stats
+            .brokers
+            .values()
+            .filter(|b| b.source == "configured" || b.source == "learned")
+    };
+    Some((real().filter(|b| b.state == "UP").count(), real().count()))
+}
+
+/// Why, if a client-wide error says the brokers refused the credentials:
+/// librdkafka retries that for ever, the relay stops instead
+/// ([`SinkError::Authentication`]).
+pub fn credentials_refused(error: &KafkaError, reason: &str) -> Option<String> {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+    )
+    .then(|| reason.to_owned())
 }
 
 /// Where librdkafka's log lines go: chatter to debug, warnings and worse
@@ -179,8 +250,12 @@ pub fn librdkafka_log(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
     }
 }
 
-/// Where librdkafka's client-wide errors go: the rate-limited trouble line.
+/// Where librdkafka's client-wide errors go: the rate-limited trouble line
+/// (and, when every broker is down, `/readyz`).
 pub fn librdkafka_error(error: &KafkaError, reason: &str) {
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+        crate::telemetry::kafka_all_brokers_down();
+    }
     crate::telemetry::KafkaTrouble {
         message: &format_args!("{error}: {reason}"),
     }
@@ -300,8 +375,15 @@ impl KafkaProducer {
             .set("message.max.bytes", cfg.max_message_bytes.to_string())
             .set("message.timeout.ms", "0")
             .set("topic.metadata.refresh.interval.ms", "30000");
+        cfg.security.apply(&mut c);
         if let Some(id) = transactional_id {
             c.set("transactional.id", id);
+        }
+        if let Some(every) = cfg.statistics_interval {
+            c.set(
+                "statistics.interval.ms",
+                every.as_millis().max(1).to_string(),
+            );
         }
         for (k, v) in &cfg.extra {
             c.set(k, v);
@@ -311,6 +393,7 @@ impl KafkaProducer {
                 acks,
                 wake,
                 transactional: transactional_id.is_some(),
+                refused: std::sync::Mutex::new(None),
             })
             .map_err(SinkError::Config)?;
         Ok(KafkaProducer {
@@ -382,9 +465,11 @@ impl KafkaProducer {
             .producer
             .client()
             .fetch_metadata(Some(topic), timeout)
-            .map_err(|source| SinkError::Metadata {
-                topic: topic.to_owned(),
-                source,
+            .map_err(|source| {
+                self.or_refused(SinkError::Metadata {
+                    topic: topic.to_owned(),
+                    source,
+                })
             })?;
         let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
             return Ok(TopicState::Missing);
@@ -420,6 +505,7 @@ impl KafkaProducer {
             .config
             .clone()
             .remove("transactional.id")
+            .remove("statistics.interval.ms")
             .create()
             .map_err(SinkError::Config)?;
         let max_bytes = c.max_message_bytes.to_string();
@@ -429,14 +515,12 @@ impl KafkaProducer {
             new = new.set(k, v);
         }
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results =
-            admin
-                .create_topics([&new], &opts)
-                .await
-                .map_err(|source| SinkError::CreateTopic {
-                    topic: topic.to_owned(),
-                    source,
-                })?;
+        let results = admin.create_topics([&new], &opts).await.map_err(|source| {
+            self.or_refused(SinkError::CreateTopic {
+                topic: topic.to_owned(),
+                source,
+            })
+        })?;
         for r in results {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -463,9 +547,8 @@ impl KafkaProducer {
     /// transactional id and aborts its open transaction. Blocks up to
     /// `timeout`.
     pub fn init_transactions(&self, timeout: Duration) -> Result<(), SinkError> {
-        self.producer
-            .init_transactions(timeout)
-            .map_err(|source| SinkError::TransactionInit {
+        self.producer.init_transactions(timeout).map_err(|source| {
+            self.or_refused(SinkError::TransactionInit {
                 id: self
                     .config
                     .get("transactional.id")
@@ -473,6 +556,20 @@ impl KafkaProducer {
                     .to_owned(),
                 source,
             })
+        })
+    }
+
+    /// The brokers' refusal of the credentials, if they refused them.
+    pub fn refusal(&self) -> Option<SinkError> {
+        let refused = self.producer.context().refused.lock();
+        let refused = refused.unwrap_or_else(PoisonError::into_inner);
+        refused.clone().map(SinkError::Authentication)
+    }
+
+    /// `error`, unless the brokers refused the credentials: then that, the
+    /// cause that retrying cannot fix.
+    pub fn or_refused(&self, error: SinkError) -> SinkError {
+        self.refusal().unwrap_or(error)
     }
 }
 
@@ -529,6 +626,22 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use rdkafka::mocking::MockCluster;
+
+    /// Trimmed from librdkafka 2.x statistics: the internal broker is
+    /// always UP and must not count.
+    #[test]
+    fn brokers_up_counts_real_brokers_in_state_up() {
+        let stats = br#"{"name":"factlib#producer-1","ts":1,"brokers":{
+            ":0/internal":{"name":":0/internal","nodeid":-1,"source":"internal","state":"UP","rtt":{"avg":0}},
+            "127.0.0.1:19092/bootstrap":{"nodeid":-1,"source":"configured","state":"DOWN"},
+            "127.0.0.1:19092/1":{"nodeid":1,"source":"learned","state":"UP"}},
+            "topics":{"t":{"partitions":{"0":{"msgq_cnt":0}}}}}"#;
+        assert_eq!(brokers_up(stats), Some((1, 2)));
+        let down = br#"{"brokers":{":0/internal":{"source":"internal","state":"UP"},
+            "127.0.0.1:19092/1":{"source":"learned","state":"TRY_CONNECT"}}}"#;
+        assert_eq!(brokers_up(down), Some((0, 1)));
+        assert_eq!(brokers_up(b"not json"), None);
+    }
 
     #[test]
     fn a_topic_is_ready_only_when_every_partition_has_a_leader() {

@@ -23,11 +23,13 @@ pub mod checkpoint;
 pub mod flusher;
 pub mod kafka;
 pub mod record;
+pub mod security;
 pub mod topics;
 pub mod txn;
 
 pub use kafka::{Compression, Delivery, KafkaProducer, SendOutcome, SinkSettings, TopicState};
 pub use record::{HeaderSet, Record, RecordShape, ValueMode};
+pub use security::{KafkaSecurity, SaslCredentials, SaslMechanism, Secret, SecurityProtocol};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -142,6 +144,11 @@ pub enum SinkError {
         #[source]
         source: KafkaError,
     },
+    /// The brokers refused the client's credentials (SASL authentication
+    /// failed). librdkafka would retry for ever; nothing changes until
+    /// someone fixes the credentials.
+    #[error("Kafka refused the relay's credentials ({0}); check --kafka-sasl-username, --kafka-sasl-password and --kafka-sasl-mechanism (FACTLIB_KAFKA_SASL_USERNAME, …_PASSWORD, …_MECHANISM) against the user on the brokers")]
+    Authentication(String),
     /// A bug in the sink.
     #[error("internal error in the Kafka sink: {0}")]
     Internal(&'static str),
@@ -201,6 +208,7 @@ impl SinkError {
             | SinkError::CheckpointTopicMissing(_)
             | SinkError::CheckpointCorrupt { .. }
             | SinkError::TransactionFatal { .. }
+            | SinkError::Authentication(_)
             | SinkError::Internal(_) => false,
         }
     }

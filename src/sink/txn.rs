@@ -62,6 +62,7 @@ use super::record::Record;
 use super::SinkError;
 use crate::lsn::Lsn;
 use crate::route::Rings;
+use crate::telemetry::Beat;
 
 /// Records taken from the ring at a time.
 const BATCH: usize = 512;
@@ -169,11 +170,14 @@ pub fn spawn<P: Transactional>(
         reports: wiring.reports,
         wake: wiring.wake,
     };
+    // One heartbeat for the pair: while the flusher waits for a commit,
+    // the committer ticks on each attempt.
+    let beat = Beat::register("txn-flusher");
     let committer = {
-        let (rings, reporter) = (Arc::clone(&wiring.rings), reporter.clone());
+        let (rings, reporter, beat) = (Arc::clone(&wiring.rings), reporter.clone(), beat.clone());
         std::thread::Builder::new()
             .name("factlib-commit".into())
-            .spawn(move || commit_each(&job_rx, &outcome_tx, &rings, &reporter))?
+            .spawn(move || commit_each(&job_rx, &outcome_tx, &rings, &reporter, &beat))?
     };
     let rings = wiring.rings;
     let source = wiring.source;
@@ -193,6 +197,7 @@ pub fn spawn<P: Transactional>(
                 open: None,
                 state: State::Running,
                 flush: false,
+                beat,
             }
             .run(&rings);
             // The flusher's end dropped the committer's queue: it ends.
@@ -273,6 +278,7 @@ fn commit_each<P: Transactional>(
     outcomes: &Sender<Outcome<P>>,
     rings: &Rings<Record>,
     reporter: &Reporter,
+    beat: &Beat,
 ) {
     for Finished {
         mut producer,
@@ -284,6 +290,7 @@ fn commit_each<P: Transactional>(
     {
         let mut patience = Patience::default();
         let result = loop {
+            beat.tick();
             match producer.commit(COMMIT_TIMEOUT) {
                 Err(e) if e.kind == TxnErrorKind::Retriable && !patience.exhausted(rings) => {
                     crate::telemetry::KafkaTrouble {
@@ -341,12 +348,15 @@ struct TxnFlusher<P> {
     state: State,
     /// Commit at the next unit end.
     flush: bool,
+    /// Liveness, shared with the committer (`/healthz`).
+    beat: Beat,
 }
 
 impl<P: Transactional> TxnFlusher<P> {
     fn run(mut self, rings: &Rings<Record>) {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
+            self.beat.tick();
             self.obey(rings);
             self.collect(false, rings);
             let took = rings.pop_into(0, &mut batch, BATCH);
@@ -467,6 +477,7 @@ impl<P: Transactional> TxnFlusher<P> {
                 Ok(SendOutcome::Queued) => return true,
                 Ok(SendOutcome::Full(back)) => {
                     rec = back;
+                    self.beat.tick();
                     if patience.exhausted(rings) {
                         self.abort(rings);
                         self.state = State::Dead;
@@ -530,6 +541,7 @@ impl<P: Transactional> TxnFlusher<P> {
         }
         let mut patience = Patience::default();
         while !self.producer.settle(COMMIT_TIMEOUT) {
+            self.beat.tick();
             if patience.exhausted(rings) {
                 self.failed(
                     "commit",
@@ -602,7 +614,7 @@ impl<P: Transactional> TxnFlusher<P> {
             if e.kind != TxnErrorKind::Fatal {
                 // The failed producer's transaction is aborted before it
                 // takes records again.
-                if let Err(e) = abort_until_given_up(&mut producer, rings) {
+                if let Err(e) = abort_until_given_up(&mut producer, rings, &self.beat) {
                     self.open = None;
                     self.broken(SinkError::TransactionFatal {
                         op: "abort",
@@ -626,7 +638,7 @@ impl<P: Transactional> TxnFlusher<P> {
         if self.open.take().is_none() {
             return;
         }
-        if let Err(e) = abort_until_given_up(&mut self.producer, rings) {
+        if let Err(e) = abort_until_given_up(&mut self.producer, rings, &self.beat) {
             self.broken(SinkError::TransactionFatal {
                 op: "abort",
                 source: e.error,
@@ -674,9 +686,11 @@ impl<P: Transactional> TxnFlusher<P> {
 fn abort_until_given_up<P: Transactional>(
     producer: &mut P,
     rings: &Rings<Record>,
+    beat: &Beat,
 ) -> Result<(), TxnError> {
     let mut patience = Patience::default();
     loop {
+        beat.tick();
         match producer.abort(COMMIT_TIMEOUT) {
             Err(e) if e.kind == TxnErrorKind::Retriable && !patience.exhausted(rings) => {}
             other => return other,

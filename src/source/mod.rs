@@ -1,7 +1,11 @@
-//! The replication connection: connect, authenticate, `IDENTIFY_SYSTEM`,
+//! The replication connection: connect (over TLS as the connection
+//! string's `sslmode` says), authenticate, `IDENTIFY_SYSTEM`,
 //! `START_REPLICATION`, then stream CopyData and send standby feedback.
+//! Also owns what every connection to PostgreSQL shares: the connection
+//! string (`conn`) and TLS (`tls`, used by the SQL sessions too).
 //!
 //! ```text
+//!  ConnectionConfig ──transport::connect──► [SSLRequest ──► TLS handshake] ──► startup/auth
 //!  transport reader task ──batches of Backend──► ReplicationStream::next_run_or ──► CopyRun (relay)
 //!                                                  └──────────────► ::next ──► ReplicationMessage
 //!  caller ──confirm(lsn)──► ReplicationStream ──status update (flush = confirmed)──► server
@@ -16,12 +20,17 @@
 //!   when a keepalive asks for a reply, so the walsender never times us out
 //!   while we are healthy. Keepalives are noted (server LSN, reply) as their
 //!   run arrives, before the caller walks it.
+//! - With `sslmode` `require`, `verify-ca` or `verify-full`, no byte of the
+//!   startup message (user, password) is sent before TLS is established.
 
 mod conn;
+mod tls;
 pub mod transport;
 
-pub(crate) use conn::error_chain;
-pub use conn::{ConnectionConfig, UrlError};
+pub(crate) use conn::{error_chain, sql_config};
+pub use conn::{ClientCert, ConnectionConfig, SslMode, TlsSettings, UrlError};
+pub use tls::TlsError;
+pub(crate) use tls::{Connector, MakeRustls};
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -67,6 +76,9 @@ pub enum SourceError {
     /// A frame that does not decode.
     #[error("malformed message from the server: {0}")]
     Decode(#[from] DecodeError),
+    /// TLS could not be set up (see [`TlsError::is_transient`]).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Authentication or startup failed.
     #[error("{}{}", .0, startup_advice(.0))]
     Startup(#[from] StartupError),
@@ -115,6 +127,7 @@ impl SourceError {
             | SourceError::Connect { .. }
             | SourceError::ConnectTimeout(_)
             | SourceError::Closed => true,
+            SourceError::Tls(e) => e.is_transient(),
             SourceError::Server { error, .. }
             | SourceError::Startup(StartupError::Server(error)) => {
                 matches!(
@@ -217,6 +230,8 @@ pub struct ReplicationStream {
     /// The run `next` is taking messages from.
     run: CopyRun,
     writer: Writer,
+    transport: Transport,
+    tls: bool,
     out: BytesMut,
     ready: Ready,
     confirmed: Lsn,
@@ -226,41 +241,55 @@ pub struct ReplicationStream {
 }
 
 impl ReplicationStream {
-    /// Connects with `replication=database` and authenticates.
+    /// Connects with `replication=database` (over TLS as `conn.tls` says)
+    /// and authenticates.
     pub async fn connect(
         conn: &ConnectionConfig,
         settings: &SourceSettings,
     ) -> Result<Self, SourceError> {
-        let target = format!("{}:{}", conn.host, conn.port);
-        let addr: SocketAddr = target
-            .to_socket_addrs()
-            .map_err(|source| SourceError::Connect {
-                addr: target.clone(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| SourceError::Connect {
-                addr: target.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "host did not resolve"),
-            })?;
+        let target = match conn.hostaddr {
+            Some(a) => format!("{}:{} (hostaddr {a})", conn.host, conn.port),
+            None => format!("{}:{}", conn.host, conn.port),
+        };
+        let addr: SocketAddr = match conn.hostaddr {
+            Some(a) => SocketAddr::new(a, conn.port),
+            None => (conn.host.as_str(), conn.port)
+                .to_socket_addrs()
+                .map_err(|source| SourceError::Connect {
+                    addr: target.clone(),
+                    source,
+                })?
+                .next()
+                .ok_or_else(|| SourceError::Connect {
+                    addr: target.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "host did not resolve",
+                    ),
+                })?,
+        };
+        let connector = Connector::new(&conn.tls)?;
         let connecting = transport::connect(
             settings.transport,
-            addr,
+            transport::Target {
+                addr,
+                name: &target,
+                host: &conn.host,
+                tls: connector.as_ref(),
+            },
             settings.read_buffer,
             settings.read_queue,
         );
-        let (writer, rx) = tokio::time::timeout(settings.connect_timeout, connecting)
+        let connected = tokio::time::timeout(settings.connect_timeout, connecting)
             .await
-            .map_err(|_| SourceError::ConnectTimeout(target.clone()))?
-            .map_err(|source| SourceError::Connect {
-                addr: target.clone(),
-                source,
-            })?;
+            .map_err(|_| SourceError::ConnectTimeout(target.clone()))??;
         let mut s = ReplicationStream {
-            rx,
+            rx: connected.rx,
             pending: VecDeque::new(),
             run: CopyRun::default(),
-            writer,
+            writer: connected.writer,
+            transport: connected.transport,
+            tls: connected.tls,
             out: BytesMut::with_capacity(1024),
             ready: Ready::default(),
             confirmed: Lsn::INVALID,
@@ -293,6 +322,16 @@ impl ReplicationStream {
     /// The walsender's process id.
     pub fn backend_pid(&self) -> i32 {
         self.ready.backend_pid
+    }
+
+    /// The transport in use: io_uring falls back to tokio for TLS.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// True when the connection runs over TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     /// The server's version string.

@@ -21,22 +21,38 @@ pub fn brokers() -> String {
     env_value("FACTLIB_BROKERS")
 }
 
-fn env_value(key: &str) -> String {
+pub fn env_value(key: &str) -> String {
+    env_lookup(key).unwrap_or_else(|| {
+        panic!(
+            "{key} is not set and {} does not define it: start the test environment with tests/env/up (or run `make test`)",
+            env_sh().display()
+        )
+    })
+}
+
+fn env_sh() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/env/env.sh")
+}
+
+fn env_lookup(key: &str) -> Option<String> {
     if let Ok(v) = std::env::var(key) {
-        return v;
+        return Some(v);
     }
-    let env_sh = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/env/env.sh");
-    let text = std::fs::read_to_string(&env_sh).unwrap_or_default();
-    for line in text.lines() {
+    let text = std::fs::read_to_string(env_sh()).unwrap_or_default();
+    text.lines().find_map(|line| {
         let line = line.trim_start_matches("export ").trim();
-        if let Some(v) = line.strip_prefix(&format!("{key}=")) {
-            return v.trim_matches(|c| c == '"' || c == '\'').to_owned();
-        }
-    }
-    panic!(
-        "{key} is not set and {} does not define it: start the test environment with tests/env/up (or run `make test`)",
-        env_sh.display()
-    );
+        let v = line.strip_prefix(&format!("{key}="))?;
+        Some(v.trim_matches(|c| c == '"' || c == '\'').to_owned())
+    })
+}
+
+/// The state directory of the running test environment
+/// (`FACTLIB_ENV_ROOT` from its env.sh): `target/env` of the checkout whose
+/// `tests/env/up` started it, which may not be this one (a worktree).
+pub fn env_root() -> PathBuf {
+    env_lookup("FACTLIB_ENV_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/env"))
 }
 
 /// A URL for the same cluster with another user and password.
@@ -78,6 +94,15 @@ pub async fn sql() -> tokio_postgres::Client {
 /// publication and prefix.
 pub fn factlib(slot: &str, publication: &str, prefix: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_factlib"));
+    // env.sh exports the SASL listener's credentials for the tests that use
+    // them; elsewhere they would only draw a warning under plaintext.
+    for unused in [
+        "FACTLIB_KAFKA_SASL_USERNAME",
+        "FACTLIB_KAFKA_SASL_PASSWORD",
+        "FACTLIB_KAFKA_CA",
+    ] {
+        c.env_remove(unused);
+    }
     c.env("FACTLIB_DATABASE_URL", database_url())
         .env("FACTLIB_SLOT", slot)
         .env("FACTLIB_PUBLICATION", publication)
@@ -346,4 +371,172 @@ pub async fn stop_ok(child: Child) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// A relay serving `/metrics`, `/healthz` and `/readyz` on a free port
+/// (`--metrics-addr 127.0.0.1:0`); its stderr is read in the background
+/// and kept for failure messages.
+pub struct MetricsRelay {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`, from the URL it logs at start-up.
+    pub base: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl MetricsRelay {
+    /// Starts `cmd` (a `factlib relay` command) with metrics on a free
+    /// port; waits (up to 60 s) for the URL it logs.
+    pub async fn spawn(mut cmd: Command) -> Self {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+        let mut child = spawn(cmd);
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (url_tx, url_rx) = tokio::sync::oneshot::channel();
+        let kept = std::sync::Arc::clone(&log);
+        tokio::spawn(async move {
+            let mut url_tx = Some(url_tx);
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                // `url=http://…` in text logs, `"url":"http://…"` in JSON.
+                if let Some(at) = line.find("http://127.0.0.1:") {
+                    let url = line[at..]
+                        .split(|c: char| c.is_whitespace() || c == '"')
+                        .next()
+                        .unwrap_or("");
+                    if let (Some(tx), Some(base)) = (url_tx.take(), url.strip_suffix("/metrics")) {
+                        let _ = tx.send(base.to_owned());
+                    }
+                }
+                let mut log = kept.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let base = match tokio::time::timeout(Duration::from_secs(60), url_rx).await {
+            Ok(Ok(base)) => base,
+            _ => panic!(
+                "the relay logged no metrics URL within 60 s:\n{}",
+                log.lock().unwrap()
+            ),
+        };
+        MetricsRelay { child, base, log }
+    }
+
+    /// What the relay logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// `GET path`, answered within `limit`.
+    pub async fn get(&self, path: &str, limit: Duration) -> Result<(u16, String), String> {
+        http_get(&self.base, path, limit).await
+    }
+
+    /// The value of the sample `series` (no labels) in a `/metrics` scrape
+    /// answered within 10 s.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        match self.get("/metrics", Duration::from_secs(10)).await {
+            Ok((200, text)) => sample(&text, series),
+            other => panic!("/metrics failed: {other:?}\n{}", self.log()),
+        }
+    }
+
+    /// Polls `series` every 200 ms until `want` holds, for at most `limit`;
+    /// returns the last value.
+    pub async fn wait_metric(
+        &self,
+        series: &str,
+        limit: Duration,
+        want: impl Fn(f64) -> bool,
+    ) -> f64 {
+        let start = std::time::Instant::now();
+        loop {
+            let v = self.metric(series).await;
+            if v.is_some_and(&want) {
+                return v.unwrap_or_default();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{series} is {v:?} after {limit:?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Polls `path` every 200 ms until it answers `status`, for at most
+    /// `limit`; returns the body.
+    pub async fn wait_status(&self, path: &str, status: u16, limit: Duration) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let got = self.get(path, Duration::from_secs(10)).await;
+            if let Ok((s, body)) = &got {
+                if *s == status {
+                    return body.clone();
+                }
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{path} answered {got:?}, not {status}, for {limit:?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM; requires a clean exit 0 within a minute. Returns all it
+    /// logged.
+    pub async fn stop(self) -> String {
+        signal(&self.child, "TERM").await;
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait_with_output())
+            .await
+            .expect("exits within 60 s of SIGTERM")
+            .expect("wait for the relay")
+            .status;
+        // The reader sees the end of stderr once the relay has exited.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let log = self.log.lock().unwrap().clone();
+        assert!(status.success(), "exit {status} after SIGTERM:\n{log}");
+        log
+    }
+}
+
+/// A plain HTTP/1.1 `GET base+path`, answered within `limit`: (status, body).
+pub async fn http_get(base: &str, path: &str, limit: Duration) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base
+        .strip_prefix("http://")
+        .ok_or("not an http URL")?
+        .to_owned();
+    let exchange = async move {
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())
+    };
+    let text = tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| format!("GET {path}: no answer within {limit:?}"))?
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("no blank line after the head")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line: {head}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// The value of the label-less sample `series` in a Prometheus text scrape.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -1,61 +1,38 @@
 //! Metrics and events: each event is one struct whose `emit()` writes the
-//! log line and updates the metric together.
+//! log line and updates the metric together; the metrics are served on
+//! `--metrics-addr` with `/healthz` and `/readyz`.
 //!
 //! ```text
-//!  relay/source/sink ──Event::emit()──► tracing (stderr) + METRICS counters
+//!  relay/source/sink ──Event::emit()──► tracing (stderr) + metrics::METRICS
+//!  relay loop ──publish()──► gauges;  CommitClock ──► commit→ack histogram, ack lag
+//!  loops ──Beat::tick()──► health (liveness);  session, librdkafka ──► health (readiness)
+//!  http (own thread) ──reads──► /metrics, /healthz, /readyz
 //!  relay ──ProgressLine::emit()──► one line every --progress-interval-secs
 //! ```
 //!
+//! Owns every metric (`metrics`), the liveness and readiness state
+//! (`health`), the commit → ack timing (`lag`) and the HTTP endpoint
+//! (`http`); the rest of the crate only reports into them.
+//!
 //! **Invariants**
 //! - Telemetry never changes behaviour: no event can fail or block.
-//! - Counter names are constants ending in `_total`; label values come from
-//!   bounded sets.
+//! - Counter names are constants ending in `_total`; there are no labels
+//!   (nothing per topic or aggregate).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+mod health;
+mod http;
+mod lag;
+mod metrics;
+
+pub(crate) use health::{spawn_relay_heartbeat, Beat, KAFKA_STATS_INTERVAL};
+pub(crate) use http::serve;
+pub use http::{MetricsSettings, TelemetryError};
+pub(crate) use lag::CommitClock;
 
 use std::time::Duration;
 
 use crate::lsn::Lsn;
-
-/// Process-wide counters.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Facts handed to the producer.
-    pub facts_produced_total: AtomicU64,
-    /// Facts acknowledged by Kafka.
-    pub facts_acked_total: AtomicU64,
-    /// Bytes (key + value + headers) acknowledged by Kafka.
-    pub bytes_acked_total: AtomicU64,
-    /// Records written to the dead-letter topic.
-    pub dead_letters_total: AtomicU64,
-    /// Replication connections established.
-    pub connections_total: AtomicU64,
-    /// Sessions ended by a transient failure (then retried).
-    pub disconnects_total: AtomicU64,
-    /// Standby status updates that raised the confirmed position.
-    pub confirms_total: AtomicU64,
-    /// Client-wide errors and warnings librdkafka reported.
-    pub kafka_errors_total: AtomicU64,
-    /// Kafka transactions committed (exactly-once).
-    pub transactions_total: AtomicU64,
-}
-
-/// The counters.
-pub static METRICS: Metrics = Metrics {
-    facts_produced_total: AtomicU64::new(0),
-    facts_acked_total: AtomicU64::new(0),
-    bytes_acked_total: AtomicU64::new(0),
-    dead_letters_total: AtomicU64::new(0),
-    connections_total: AtomicU64::new(0),
-    disconnects_total: AtomicU64::new(0),
-    confirms_total: AtomicU64::new(0),
-    kafka_errors_total: AtomicU64::new(0),
-    transactions_total: AtomicU64::new(0),
-};
-
-fn inc(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
+use metrics::METRICS;
 
 /// Connected to PostgreSQL and streaming.
 pub struct Connected<'a> {
@@ -72,7 +49,8 @@ pub struct Connected<'a> {
 impl Connected<'_> {
     /// Logs and counts.
     pub fn emit(&self) {
-        inc(&METRICS.connections_total, 1);
+        METRICS.connections.inc();
+        health::set_streaming(true);
         tracing::info!(slot = self.slot, backend_pid = self.backend_pid, start = %self.start, transport = self.transport, "streaming from slot");
     }
 }
@@ -90,8 +68,46 @@ pub struct Interrupted<'a, E: std::fmt::Display> {
 impl<E: std::fmt::Display> Interrupted<'_, E> {
     /// Logs and counts.
     pub fn emit(&self) {
-        inc(&METRICS.disconnects_total, 1);
+        METRICS.reconnects.inc();
         tracing::warn!(error = %self.error, retry_in_ms = u64::try_from(self.retry_in.as_millis()).unwrap_or(u64::MAX), "transient failure; retrying once the facts in flight are acknowledged, from the last confirmed position");
+    }
+}
+
+/// Another process streams from the slot: the relay waits as a standby.
+pub struct Standby<'a, E: std::fmt::Display> {
+    /// Who holds the slot.
+    pub error: &'a E,
+    /// How often the relay checks the slot.
+    pub poll: std::time::Duration,
+}
+
+impl<E: std::fmt::Display> Standby<'_, E> {
+    /// Logs, once per wait.
+    pub fn emit(&self) {
+        tracing::info!(
+            poll_ms = u64::try_from(self.poll.as_millis()).unwrap_or(u64::MAX),
+            "standby: {}; waiting, and taking over once the slot is free",
+            self.error
+        );
+    }
+}
+
+/// A standby found the slot free and streams from it now.
+pub struct TookOver<'a> {
+    /// The slot.
+    pub slot: &'a str,
+    /// How long it waited as a standby.
+    pub waited: std::time::Duration,
+}
+
+impl TookOver<'_> {
+    /// Logs.
+    pub fn emit(&self) {
+        tracing::info!(
+            slot = self.slot,
+            waited_ms = u64::try_from(self.waited.as_millis()).unwrap_or(u64::MAX),
+            "standby: the slot is free; taking over"
+        );
     }
 }
 
@@ -108,7 +124,7 @@ pub struct DeadLettered<'a> {
 impl DeadLettered<'_> {
     /// Logs and counts.
     pub fn emit(&self) {
-        inc(&METRICS.dead_letters_total, 1);
+        METRICS.dead_letters.inc();
         tracing::warn!(topic = self.topic, lsn = %self.lsn, error = self.error, "fact sent to the dead-letter topic");
     }
 }
@@ -133,7 +149,7 @@ impl KafkaTrouble<'_> {
     /// Counts, and logs unless a line was written less than
     /// [`KAFKA_LOG_INTERVAL`] ago.
     pub fn emit(&self) {
-        inc(&METRICS.kafka_errors_total, 1);
+        METRICS.kafka_errors.inc();
         let admitted = KAFKA_LOG
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -178,20 +194,74 @@ impl RateLimit {
 
 /// Facts handed to the producer.
 pub fn produced(n: u64) {
-    inc(&METRICS.facts_produced_total, n);
+    METRICS.facts_produced.inc_by(n);
 }
 
 /// Facts acknowledged by Kafka.
 pub fn acked(facts: u64, bytes: u64) {
-    inc(&METRICS.facts_acked_total, facts);
-    inc(&METRICS.bytes_acked_total, bytes);
+    METRICS.facts_relayed.inc_by(facts);
+    METRICS.relayed_bytes.inc_by(bytes);
+}
+
+/// Kafka refused a record, or a Kafka transaction failed (the relay says
+/// what it does about it).
+pub(crate) fn produce_failed() {
+    METRICS.produce_errors.inc();
+}
+
+/// The replication stream ended (the session is over; the relay may
+/// connect again).
+pub(crate) fn stream_ended() {
+    health::set_streaming(false);
+}
+
+/// The relay's position, published on each pass of its loop: facts handed
+/// to Kafka and not yet acknowledged, the position confirmed to the
+/// server, and the server's WAL end.
+pub(crate) fn publish(in_flight: usize, confirmed: Lsn, server: Lsn) {
+    METRICS
+        .in_flight
+        .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+    METRICS
+        .confirmed_lsn
+        .set(i64::try_from(confirmed.0).unwrap_or(i64::MAX));
+    METRICS
+        .server_lsn
+        .store(server.0, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// librdkafka's statistics: `up` of `total` brokers are connected.
+pub(crate) struct KafkaBrokers {
+    /// Brokers in state UP.
+    pub(crate) up: usize,
+    /// Brokers known (bootstrap and learned).
+    pub(crate) total: usize,
+}
+
+impl KafkaBrokers {
+    /// Records the state for `/readyz` and the brokers-up gauge.
+    pub(crate) fn emit(&self) {
+        health::kafka_brokers(self.up);
+        tracing::trace!(
+            target: "librdkafka",
+            up = self.up,
+            total = self.total,
+            "broker states"
+        );
+    }
+}
+
+/// librdkafka reported that every broker is down: counted as a Kafka
+/// error, and `/readyz` fails until a broker is reported up again.
+pub(crate) fn kafka_all_brokers_down() {
+    health::kafka_all_down();
 }
 
 /// A Kafka transaction of `facts` records committed, with its checkpoint
 /// at `through`; `commit` is how long `commit_transaction` took
 /// (exactly-once).
 pub fn transaction_committed(facts: usize, through: Lsn, open: Duration, commit: Duration) {
-    inc(&METRICS.transactions_total, 1);
+    METRICS.transactions.inc();
     tracing::debug!(
         facts,
         checkpoint = %through,
@@ -203,7 +273,7 @@ pub fn transaction_committed(facts: usize, through: Lsn, open: Duration, commit:
 
 /// The confirmed position moved.
 pub fn confirmed() {
-    inc(&METRICS.confirms_total, 1);
+    METRICS.confirms.inc();
 }
 
 /// Created → acknowledged latency, in microseconds: (interval, whole run).
@@ -329,8 +399,8 @@ impl ProgressReporter {
     pub fn new() -> Self {
         ProgressReporter {
             last: std::time::Instant::now(),
-            last_facts: METRICS.facts_acked_total.load(Ordering::Relaxed),
-            last_bytes: METRICS.bytes_acked_total.load(Ordering::Relaxed),
+            last_facts: METRICS.facts_relayed.get(),
+            last_bytes: METRICS.relayed_bytes.get(),
         }
     }
 
@@ -339,8 +409,8 @@ impl ProgressReporter {
     pub fn emit(&mut self, in_flight: usize, acked: Lsn, server: Lsn) {
         let now = std::time::Instant::now();
         let secs = now.duration_since(self.last).as_secs_f64().max(1e-3);
-        let facts = METRICS.facts_acked_total.load(Ordering::Relaxed);
-        let bytes = METRICS.bytes_acked_total.load(Ordering::Relaxed);
+        let facts = METRICS.facts_relayed.get();
+        let bytes = METRICS.relayed_bytes.get();
         let fps = (facts - self.last_facts) as f64 / secs;
         let mbps = (bytes - self.last_bytes) as f64 / secs / 1e6;
         let lag = server.checked_sub(acked).unwrap_or(0);
@@ -352,7 +422,7 @@ impl ProgressReporter {
             acked_lsn = %acked,
             lag_bytes = lag,
             total_acked = facts,
-            dead_letters = METRICS.dead_letters_total.load(Ordering::Relaxed),
+            dead_letters = METRICS.dead_letters.get(),
             p50_ms = lat.p50_ms,
             p99_ms = lat.p99_ms,
             "progress"
