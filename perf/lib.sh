@@ -1,12 +1,15 @@
 # Shared by the perf/ scripts (sourced, not run).
 # perf_setup: starts the environment, builds the release binary (or uses $FACTLIB_BIN),
-#   installs /usr/bin/time.
+#   installs /usr/bin/time. PERF_NO_ENV_UP=1: the environment is up and its env.sh sourced
+#   already (e.g. from another checkout), so it is not started.
 # perf_backlog N PAYLOAD TXN: a fresh slot+publication+prefix ($run), N facts emitted with no
 #   relay running; sets $start $end (LSNs) and $wal (bytes). Drops the slots on exit.
 perf_setup() {
-    tests/env/up >/dev/null
-    # shellcheck disable=SC1091
-    . target/env/env.sh
+    if [ -z "${PERF_NO_ENV_UP:-}" ]; then
+        tests/env/up >/dev/null
+        # shellcheck disable=SC1091
+        . target/env/env.sh
+    fi
     if [ ! -x /usr/bin/time ]; then
         apt-get install -y -q time >/dev/null 2>&1 || { echo "needs /usr/bin/time: apt-get install time" >&2; exit 1; }
     fi
