@@ -130,16 +130,24 @@ fn sql_connect_error(source: tokio_postgres::Error, mode: SslMode) -> CliError {
 }
 
 /// A flag that turns `true` on the first SIGTERM or SIGINT.
+///
+/// The handlers are registered before this returns, not when the watching
+/// task is first polled: a SIGTERM that arrives while the relay starts up
+/// (before its first await) must be a stop request, not the default action
+/// that kills the process.
 pub fn spawn_signal_watch() -> tokio::sync::watch::Receiver<bool> {
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = tokio::sync::watch::channel(false);
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!(
+            "cannot watch SIGTERM/SIGINT; they will end the process without a clean stop"
+        );
+        return rx;
+    };
     tokio::task::spawn_local(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
@@ -166,5 +174,36 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
             crate::relay::run(settings, stop).await?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spawn_signal_watch;
+
+    /// A SIGTERM sent before the first await is a stop request. Without the
+    /// handler in place it would kill this test binary.
+    #[test]
+    fn a_sigterm_before_the_first_await_is_a_stop_request() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        let stopped = local.block_on(&rt, async {
+            let mut stop = spawn_signal_watch();
+            let sent = std::process::Command::new("kill")
+                .args(["-TERM", &std::process::id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(sent.success());
+            tokio::time::timeout(std::time::Duration::from_secs(30), stop.changed())
+                .await
+                .expect("the stop flag turns within 30 s")
+                .expect("the watch is alive");
+            let stopped = *stop.borrow();
+            stopped
+        });
+        assert!(stopped);
     }
 }
