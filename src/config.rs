@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::fact::DEFAULT_PREFIX;
+use crate::outbox::{ColumnNames, ExtraColumns, OutboxSettings};
 use crate::relay::{DeliveryMode, ExactlyOnce, RelaySettings};
 use crate::route::{RingSettings, RouteError, TopicTemplate};
 use crate::sink::record::{HeaderSet, RecordShape, ValueMode};
@@ -406,10 +407,33 @@ impl KafkaArgs {
 /// `factlib setup`
 #[derive(Debug, Args)]
 pub struct SetupArgs {
-    /// Tables to add to the publication (schema-qualified, comma-separated).
-    /// Without any, the publication carries logical messages only.
-    #[arg(long, env = "FACTLIB_TABLES", value_delimiter = ',')]
+    /// An outbox table (Debezium's layout, see `relay --outbox-columns`) to
+    /// add to the publication, e.g. `public.outbox`; repeat or
+    /// comma-separate for more. Each row inserted becomes a fact. Without
+    /// any, the publication carries logical messages only.
+    #[arg(
+        long = "outbox-table",
+        visible_alias = "tables",
+        env = "FACTLIB_OUTBOX_TABLES",
+        value_delimiter = ',',
+        value_name = "SCHEMA.TABLE"
+    )]
     pub tables: Vec<String>,
+    /// The SQL emitter API to install in schema `factlib` (factlib.emit,
+    /// factlib.emit_json, factlib.emit_traced): `v1`, or `none` to skip it.
+    /// An older installed version is replaced, the same or a newer one is
+    /// left alone. Needs CREATE on the database.
+    #[arg(long, env = "FACTLIB_SQL_API", value_enum, default_value_t = SqlApiArg::V1)]
+    pub sql_api: SqlApiArg,
+}
+
+/// `--sql-api`: which SQL emitter API `setup` installs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SqlApiArg {
+    /// Version 1 (the default).
+    V1,
+    /// Don't install or change it.
+    None,
 }
 
 /// `factlib emit`
@@ -449,9 +473,66 @@ pub struct TailArgs {
     /// Never confirm: the slot keeps its position, and the facts come again.
     #[arg(long, env = "FACTLIB_TAIL_NO_CONFIRM")]
     pub no_confirm: bool,
+    /// How outbox-table rows become facts.
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
     /// Replication connection settings.
     #[command(flatten)]
     pub source: SourceArgs,
+}
+
+/// How rows of outbox tables (the tables in the publication, see `setup
+/// --outbox-table`) become facts.
+#[derive(Debug, Clone, Args)]
+pub struct OutboxArgs {
+    /// Outbox columns with other names than Debezium's, as
+    /// field=column pairs (comma-separated). Fields and their default
+    /// columns: id=id, aggregate_type=aggregatetype,
+    /// aggregate_id=aggregateid, event_type=type, payload=payload,
+    /// timestamp=timestamp (optional), tracing=tracingspancontext
+    /// (optional).
+    #[arg(long, env = "FACTLIB_OUTBOX_COLUMNS", value_delimiter = ',', value_parser = parse_key_value, value_name = "FIELD=COLUMN")]
+    pub outbox_columns: Vec<(String, String)>,
+    /// What becomes of an outbox table's other columns: each non-NULL value
+    /// a metadata entry named after its column, or nothing.
+    #[arg(long, env = "FACTLIB_OUTBOX_EXTRA", value_enum, default_value_t = OutboxExtraArg::Metadata)]
+    pub outbox_extra: OutboxExtraArg,
+}
+
+/// `--outbox-extra`: [`ExtraColumns`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutboxExtraArg {
+    /// Other columns become metadata (the default).
+    Metadata,
+    /// Other columns are dropped.
+    Ignore,
+}
+
+impl OutboxArgs {
+    /// The outbox mapping.
+    pub fn settings(&self) -> Result<OutboxSettings, ConfigError> {
+        let mut columns = ColumnNames::default();
+        for (field, column) in &self.outbox_columns {
+            let slot = match field.as_str() {
+                "id" => &mut columns.id,
+                "aggregate_type" => &mut columns.aggregate_type,
+                "aggregate_id" => &mut columns.aggregate_id,
+                "event_type" => &mut columns.event_type,
+                "payload" => &mut columns.payload,
+                "timestamp" => &mut columns.timestamp,
+                "tracing" => &mut columns.tracing,
+                other => return Err(ConfigError::OutboxField(other.to_owned())),
+            };
+            column.clone_into(slot);
+        }
+        Ok(OutboxSettings {
+            columns,
+            extra: match self.outbox_extra {
+                OutboxExtraArg::Metadata => ExtraColumns::Metadata,
+                OutboxExtraArg::Ignore => ExtraColumns::Ignore,
+            },
+        })
+    }
 }
 
 /// `factlib relay`
@@ -489,8 +570,9 @@ pub struct RelayArgs {
 
     /// Which Kafka headers each fact's record carries: `standard` (id, event
     /// type, LSN, metadata entries, trace context), `full` (standard plus the
-    /// aggregate type), or `minimal` (the LSN only; the rest stays in the
-    /// envelope). Each header costs librdkafka CPU per record.
+    /// aggregate type), `minimal` (the LSN only; the rest stays in the
+    /// envelope), or `go-factlib` (the Go relay's headers). Each header costs
+    /// librdkafka CPU per record.
     #[arg(long, env = "FACTLIB_HEADERS", value_enum, default_value_t = HeadersArg::Standard)]
     pub headers: HeadersArg,
 
@@ -619,6 +701,10 @@ pub struct RelayArgs {
     #[arg(long, env = "FACTLIB_METRICS_ADDR", value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
 
+    /// How outbox-table rows become facts.
+    #[command(flatten)]
+    pub outbox: OutboxArgs,
+
     /// Replication connection settings.
     #[command(flatten)]
     pub source: SourceArgs,
@@ -685,6 +771,13 @@ pub enum HeadersArg {
     Full,
     /// Only `factlib-lsn`; the rest stays inside the envelope value.
     Minimal,
+    /// Exactly the headers of the Go Factlib relay (owlpost), for consumers
+    /// migrating from it: `event_id`, `event_type`, `LSN` (the end of the
+    /// fact's WAL message, `X/Y`, as owlpost wrote it) and, when the fact
+    /// has a trace id, `trace_id`, `span_id` and one per trace-metadata
+    /// entry (an entry with one of these names replaces that header). The
+    /// fact's metadata is not written as headers, as in owlpost.
+    GoFactlib,
 }
 
 impl From<HeadersArg> for HeaderSet {
@@ -693,6 +786,7 @@ impl From<HeadersArg> for HeaderSet {
             HeadersArg::Standard => HeaderSet::Standard,
             HeadersArg::Full => HeaderSet::Full,
             HeadersArg::Minimal => HeaderSet::Minimal,
+            HeadersArg::GoFactlib => HeaderSet::GoFactlib,
         }
     }
 }
@@ -773,6 +867,7 @@ impl RelayArgs {
             publication: common.publication.clone(),
             prefix: common.prefix.clone(),
             template,
+            outbox: self.outbox.settings()?,
             source: self.source.settings(),
             delivery: self.delivery(common)?,
             sink: SinkSettings {
@@ -875,6 +970,9 @@ pub enum ConfigError {
     /// A flag that means something only in exactly-once mode.
     #[error("{0} applies only with --delivery exactly-once")]
     ExactlyOnceOnly(&'static str),
+    /// An `--outbox-columns` entry that names no field.
+    #[error("--outbox-columns: unknown field {0:?}; use id, aggregate_type, aggregate_id, event_type, payload, timestamp or tracing")]
+    OutboxField(String),
 }
 
 /// Checks a slot or publication name (PostgreSQL's rule for slot names, also
@@ -927,6 +1025,32 @@ mod tests {
             }
         }
         walk(&Cli::command());
+    }
+
+    #[test]
+    fn outbox_columns_map_fields_and_refuse_unknown_ones() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["factlib", "relay"];
+            argv.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Relay(args) = cli.command else {
+                panic!("not relay");
+            };
+            args.outbox.settings()
+        };
+        let s = parse(&[
+            "--outbox-columns",
+            "aggregate_type=kind,payload=body",
+            "--outbox-extra",
+            "ignore",
+        ])
+        .unwrap();
+        assert_eq!(s.columns.aggregate_type, "kind");
+        assert_eq!(s.columns.payload, "body");
+        assert_eq!(s.columns.id, "id", "the others keep Debezium's names");
+        assert_eq!(s.extra, ExtraColumns::Ignore);
+        let err = parse(&["--outbox-columns", "aggregatetype=kind"]).unwrap_err();
+        assert!(err.to_string().contains("aggregate_type"), "{err}");
     }
 
     /// Each stage's `Default` is the documented default: what the command

@@ -24,6 +24,7 @@ pub mod config;
 pub mod emit;
 pub mod fact;
 pub mod lsn;
+pub mod outbox;
 pub mod pgwire;
 pub mod progress;
 pub mod relay;

@@ -36,7 +36,28 @@ async fn the_facts_counter_equals_the_facts_relayed() {
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(got.len(), ids.len(), "every fact reached Kafka");
+    if got.len() != ids.len() {
+        let seen: std::collections::HashSet<String> =
+            got.iter().filter_map(|r| r.header("factlib-id")).collect();
+        let missing: Vec<&String> = ids.iter().filter(|id| !seen.contains(*id)).collect();
+        // Read again, longer: late or lost?
+        let again = consume_async(
+            &[format!("{prefix}.order")],
+            ids.len(),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        )
+        .await;
+        panic!(
+            "{} of {} facts reached Kafka within 60 s; missing {missing:?}; a second read found {}; \
+             confirmed_flush {}\n{}",
+            got.len(),
+            ids.len(),
+            again.len(),
+            confirmed_flush(&slot).await,
+            relay.log()
+        );
+    }
 
     let n = ids.len() as f64;
     let relayed = relay

@@ -1,11 +1,13 @@
-//! `factlib setup`: check `wal_level`, create the publication and the slot.
+//! `factlib setup`: check `wal_level`, create the publication and the slot,
+//! install the SQL emitter API (`emit::sql_api`).
 //!
 //! Idempotent: a second run changes nothing and says so.
 
 use std::process::ExitCode;
 
 use super::{connect_sql, CliError};
-use crate::config::{CommonArgs, SetupArgs};
+use crate::config::{CommonArgs, SetupArgs, SqlApiArg};
+use crate::emit::sql_api::{self, Installed, SqlApiError};
 
 fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CliError {
     let context = context.into();
@@ -20,9 +22,37 @@ fn quote_table(name: &str) -> String {
         .join(".")
 }
 
+/// Warns about an outbox table without a replica identity: while it is in a
+/// publication that publishes updates and deletes (the default), PostgreSQL
+/// refuses UPDATE and DELETE on it, which breaks the insert-then-delete
+/// pattern.
+async fn warn_without_replica_identity(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> Result<(), CliError> {
+    let row = client
+        .query_one(
+            "SELECT c.relreplident::text, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+             FROM pg_class c WHERE c.oid = $1::text::regclass",
+            &[&table],
+        )
+        .await
+        .map_err(pg(format!("checking table {table}")))?;
+    let (identity, has_key): (String, bool) = (row.get(0), row.get(1));
+    if identity == "n" || (identity == "d" && !has_key) {
+        eprintln!(
+            "warning: outbox table {table} has no replica identity (no primary key): PostgreSQL now refuses \
+             UPDATE and DELETE on it. Add a primary key (Debezium's layout has `id uuid PRIMARY KEY`) or run \
+             ALTER TABLE {table} REPLICA IDENTITY FULL"
+        );
+    }
+    Ok(())
+}
+
 /// Runs `factlib setup`.
 pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliError> {
-    let client = connect_sql(&common.database_url).await?;
+    let mut client = connect_sql(&common.database_url).await?;
 
     let wal_level: String = client
         .query_one("SHOW wal_level", &[])
@@ -103,6 +133,10 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
         }
     }
 
+    for t in &args.tables {
+        warn_without_replica_identity(&client, t).await?;
+    }
+
     let slot = &common.slot;
     let row = client
         .query_opt(
@@ -135,6 +169,31 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
                 .get(0);
             println!("slot \"{slot}\": created (pgoutput) at {lsn}");
         }
+    }
+
+    let v = sql_api::VERSION;
+    let functions = sql_api::FUNCTIONS;
+    match args.sql_api {
+        SqlApiArg::None => println!("sql api: skipped (--sql-api none)"),
+        SqlApiArg::V1 => match sql_api::install(&mut client).await {
+            Ok(Installed::Created) => println!("sql api: installed v{v} ({functions})"),
+            Ok(Installed::Upgraded { from }) => {
+                println!("sql api: upgraded v{from} to v{v} ({functions})")
+            }
+            Ok(Installed::Unchanged) => println!("sql api: v{v} exists, unchanged"),
+            Ok(Installed::Newer { installed }) => println!(
+                "sql api: v{installed} exists, newer than this factlib's v{v}; left unchanged"
+            ),
+            Err(SqlApiError::Postgres { context, source }) => {
+                return Err(CliError::Postgres {
+                    context: format!("{context} (or skip it with --sql-api none)"),
+                    source,
+                })
+            }
+            Err(e @ SqlApiError::Inconsistent(_)) => {
+                return Err(CliError::Precondition(e.to_string()))
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -79,10 +79,20 @@ pub enum TailBody {
     },
 }
 
-/// Renders a fact message as a line.
-pub fn render(lsn: Lsn, txn: Option<(u32, Lsn)>, content: Bytes) -> TailLine {
+/// Renders a fact as a line; a bad outbox row (`bad_row`: why it does not
+/// map) is shown as undecodable, with the row as JSON.
+pub fn render(
+    lsn: Lsn,
+    txn: Option<(u32, Lsn)>,
+    content: Bytes,
+    bad_row: Option<&str>,
+) -> TailLine {
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let body = match fact::decode(content.clone()) {
+    let decoded = match bad_row {
+        Some(e) => Err(e.to_owned()),
+        None => fact::decode(content.clone()).map_err(|e| e.to_string()),
+    };
+    let body = match decoded {
         Ok(f) => {
             let (payload, payload_encoding) = match std::str::from_utf8(&f.payload) {
                 Ok(s) => (s.to_owned(), "utf8"),
@@ -99,8 +109,8 @@ pub fn render(lsn: Lsn, txn: Option<(u32, Lsn)>, content: Bytes) -> TailLine {
                 created_at: f.created_at,
             }
         }
-        Err(e) => TailBody::Undecodable {
-            error: e.to_string(),
+        Err(error) => TailBody::Undecodable {
+            error,
             raw_base64: b64(&content),
         },
     };
@@ -127,7 +137,7 @@ pub async fn run(common: &CommonArgs, args: &TailArgs) -> Result<ExitCode, CliEr
         .start_pgoutput(&common.slot, Lsn::INVALID, &common.publication)
         .await?;
 
-    let mut units = Stream::new(&common.prefix, Lsn::INVALID);
+    let mut units = Stream::new(&common.prefix, Lsn::INVALID).with_outbox(args.outbox.settings()?);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
     let io_err = |source| CliError::Io {
@@ -172,7 +182,12 @@ pub async fn run(common: &CommonArgs, args: &TailArgs) -> Result<ExitCode, CliEr
                 cut_short = f.txn.map(|t| t.xid);
                 break;
             }
-            let line = render(f.lsn, f.txn.map(|t| (t.xid, t.commit_lsn)), f.content);
+            let line = render(
+                f.lsn,
+                f.txn.map(|t| (t.xid, t.commit_lsn)),
+                f.content,
+                f.bad_row.as_deref(),
+            );
             serde_json::to_writer(&mut out, &line).map_err(|e| io_err(e.into()))?;
             out.write_all(b"\n").map_err(io_err)?;
             printed += 1;

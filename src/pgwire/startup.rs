@@ -147,6 +147,14 @@ impl Startup {
         ];
         if params.replication {
             kv.push(("replication", "database"));
+            // Row values of outbox tables arrive in text format, written by
+            // the walsender with these settings: fix them, so that
+            // `outbox` parses one form whatever the server's defaults.
+            kv.extend([
+                ("DateStyle", "ISO, YMD"),
+                ("TimeZone", "UTC"),
+                ("bytea_output", "hex"),
+            ]);
         }
         // Only fails on a NUL inside a parameter, which config rejects.
         if frontend::startup_message(kv.iter().copied(), out).is_err() {

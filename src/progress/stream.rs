@@ -8,10 +8,19 @@
 //!                 └─XLogData──PgOutputRef──► Begin ──► open transaction, Tracker::begin
 //!                                          ├► Message(prefix) ──► held ──(next message)──► Fact
 //!                                          ├► Message(other prefix) ──► skipped (a lone one is a unit)
+//!                                          ├► Relation ──► outbox::Relations (the table's layout)
+//!                                          ├► Insert ──outbox::Relations::row──► held ──► Fact (an envelope, or a bad row)
 //!                                          ├► Commit ──► held fact released with unit_end, Tracker::commit
+//!                                          ├► Update / Delete / Truncate ──► counted, skipped
 //!                                          └► anything else: decoded (it must be well formed), skipped
 //!  caller ──ack(token)──► Tracker ──watermark()──► position to confirm
 //! ```
+//!
+//! An Insert into a table of the publication (an outbox table) is a fact
+//! like a message under the prefix, in its place in the transaction: its
+//! envelope is built from the row (`outbox`), and a row that does not map
+//! is still a fact, marked [`Fact::bad_row`], so that it reaches the
+//! dead-letter topic in order and its unit is confirmed only after that.
 //!
 //! A transactional fact is held back until the next message of its
 //! transaction arrives, so that the fact which ends a unit is known when it
@@ -40,6 +49,7 @@ use bytes::Bytes;
 
 use super::{ProgressError, Token, Tracker};
 use crate::lsn::Lsn;
+use crate::outbox::{OutboxSettings, Relations, UnknownRelation};
 use crate::pgwire::pgoutput::{PgOutput, PgOutputRef};
 use crate::pgwire::replication::ReplicationRef;
 use crate::pgwire::DecodeError;
@@ -55,6 +65,9 @@ pub enum StreamError {
     /// Messages out of the order the protocol guarantees.
     #[error("unexpected replication stream structure: {0}")]
     Progress(#[from] ProgressError),
+    /// A row change for a table the server never described.
+    #[error(transparent)]
+    Relation(#[from] UnknownRelation),
     /// A body range outside its run: a bug in the caller.
     #[error("a CopyData body lies outside its run")]
     OutOfRun,
@@ -90,8 +103,17 @@ pub struct Fact {
     /// The transaction of a transactional fact; `None` for a
     /// non-transactional one.
     pub txn: Option<Txn>,
-    /// The message content: the fact's envelope, a zero-copy slice of the run.
+    /// The end of the XLogData that carried the fact (its start plus the
+    /// length of its pgoutput message): the position the Go Factlib relay
+    /// reports for a fact, kept for `--headers go-factlib`.
+    pub xlog_end: Lsn,
+    /// The fact's envelope: for a message, its content (a zero-copy slice of
+    /// the run); for an outbox row, built from the row. For a bad row, the
+    /// row as JSON.
     pub content: Bytes,
+    /// Set on an outbox row that does not map onto a fact: why. It goes to
+    /// the dead-letter topic.
+    pub bad_row: Option<Box<str>>,
     /// Set on the last fact of a unit: the position the unit confirms at.
     pub unit_end: Option<Lsn>,
 }
@@ -109,8 +131,10 @@ impl Fact {
 #[derive(Debug)]
 struct Held {
     lsn: Lsn,
+    xlog_end: Lsn,
     transactional: bool,
     content: Bytes,
+    bad_row: Option<Box<str>>,
 }
 
 /// The stream of one replication connection, as units and facts.
@@ -124,18 +148,35 @@ pub struct Stream {
     tracker: Tracker,
     open: Option<Txn>,
     held: Option<Held>,
+    relations: Relations,
+    ignored: u64,
 }
 
 impl Stream {
     /// A stream of facts under `prefix`, starting at `start` (the slot's
     /// confirmed position, or `0/0`).
+    /// Outbox rows map with the default (Debezium) layout.
     pub fn new(prefix: &str, start: Lsn) -> Self {
         Stream {
             prefix: prefix.as_bytes().into(),
             tracker: Tracker::new(start),
             open: None,
             held: None,
+            relations: Relations::new(OutboxSettings::default()),
+            ignored: 0,
         }
+    }
+
+    /// Maps outbox rows as `settings` say.
+    pub fn with_outbox(mut self, settings: OutboxSettings) -> Self {
+        self.relations = Relations::new(settings);
+        self
+    }
+
+    /// Updates, deletes and truncates of outbox tables seen and skipped so
+    /// far.
+    pub fn ignored_changes(&self) -> u64 {
+        self.ignored
     }
 
     /// Handles the CopyData body at `body` in `run`. Returns the fact it
@@ -149,6 +190,9 @@ impl Stream {
             }
             ReplicationRef::XLogData(x) => x,
         };
+        // Saturates only on a wal_start within a message of the end of the
+        // LSN space, which no server reaches.
+        let xlog_end = Lsn(x.wal_start.0.saturating_add(x.data.len() as u64));
         match PgOutputRef::decode(x.data)? {
             PgOutputRef::Begin(b) => {
                 self.tracker.begin()?;
@@ -175,8 +219,10 @@ impl Stream {
                     return Ok(self.tracker.lone(m.lsn, ours).map(|token| Fact {
                         token,
                         lsn: m.lsn,
+                        xlog_end,
                         txn: None,
                         content: run.slice_ref(m.content),
+                        bad_row: None,
                         unit_end: Some(m.lsn),
                     }));
                 }
@@ -191,20 +237,81 @@ impl Stream {
                 // joins it: its record precedes the commit record.
                 let next = Held {
                     lsn: m.lsn,
+                    xlog_end,
                     transactional: m.transactional,
                     content: run.slice_ref(m.content),
+                    bad_row: None,
                 };
-                match self.held.replace(next) {
-                    Some(prev) => self.release(prev, None).map(Some),
-                    None => Ok(None),
-                }
+                self.hold(next)
             }
-            // Nothing else matters here, but it must still be well formed.
-            PgOutputRef::Other => {
-                PgOutput::decode(run.slice_ref(x.data))?;
+            PgOutputRef::Other => self.change(
+                PgOutput::decode(run.slice_ref(x.data))?,
+                x.wal_start,
+                xlog_end,
+            ),
+        }
+    }
+
+    /// Holds `next`, releasing the fact held before it.
+    fn hold(&mut self, next: Held) -> Result<Option<Fact>, StreamError> {
+        match self.held.replace(next) {
+            Some(prev) => self.release(prev, None).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A message other than Begin, Commit and Message, starting at `lsn`.
+    fn change(
+        &mut self,
+        msg: PgOutput,
+        lsn: Lsn,
+        xlog_end: Lsn,
+    ) -> Result<Option<Fact>, StreamError> {
+        match msg {
+            PgOutput::Relation(r) => {
+                self.relations.relation(&r);
                 Ok(None)
             }
+            PgOutput::Insert(i) => {
+                let Some(txn) = self.open else {
+                    return Err(ProgressError::NotOpen.into());
+                };
+                let (content, bad_row) =
+                    match self.relations.row(i.relation_id, &i.new, txn.commit_ts)? {
+                        Ok(envelope) => (envelope, None),
+                        Err(bad) => (bad.row, Some(bad.error.into_boxed_str())),
+                    };
+                self.hold(Held {
+                    lsn,
+                    xlog_end,
+                    transactional: true,
+                    content,
+                    bad_row,
+                })
+            }
+            PgOutput::Update(u) => Ok(self.ignore("update", u.relation_id)),
+            PgOutput::Delete(d) => Ok(self.ignore("delete", d.relation_id)),
+            PgOutput::Truncate(t) => {
+                for id in t.relation_ids {
+                    self.ignore("truncate", id);
+                }
+                Ok(None)
+            }
+            // Nothing else matters here, but it had to be well formed.
+            _ => Ok(None),
         }
+    }
+
+    /// Counts and logs a row change the relay does not relay.
+    fn ignore(&mut self, kind: &str, relation_id: u32) -> Option<Fact> {
+        self.ignored += 1;
+        let table = self.relations.table(relation_id).unwrap_or("(unannounced)");
+        tracing::debug!(
+            kind,
+            table,
+            "skipped a change of an outbox table: only inserts are facts"
+        );
+        None
     }
 
     /// Hands out a held fact of the open transaction with its token.
@@ -213,8 +320,10 @@ impl Stream {
         Ok(Fact {
             token,
             lsn: h.lsn,
+            xlog_end: h.xlog_end,
             txn: self.open.filter(|_| h.transactional),
             content: h.content,
+            bad_row: h.bad_row,
             unit_end,
         })
     }
@@ -257,6 +366,7 @@ impl Stream {
         self.tracker = Tracker::new(mark);
         self.open = None;
         self.held = None;
+        self.relations.clear();
         mark
     }
 }
@@ -272,10 +382,12 @@ mod tests {
         bodies: Vec<Range<usize>>,
     }
 
-    fn xlog(out: &mut Vec<u8>, payload: &[u8]) {
+    /// An XLogData body at `wal_start` (written twice, as the walsender
+    /// does for logical replication) carrying `payload`.
+    fn xlog(out: &mut Vec<u8>, wal_start: u64, payload: &[u8]) {
         out.put_u8(b'w');
-        out.put_u64(0);
-        out.put_u64(0);
+        out.put_u64(wal_start);
+        out.put_u64(wal_start);
         out.put_i64(0);
         out.extend_from_slice(payload);
     }
@@ -287,6 +399,8 @@ mod tests {
         Msg(bool, u64, &'a str, &'a [u8]),
         Keepalive(u64),
         Truncate,
+        /// Any pgoutput message, as bytes.
+        Raw(&'a [u8]),
     }
 
     fn run(msgs: &[M<'_>]) -> Run {
@@ -295,6 +409,9 @@ mod tests {
         for m in msgs {
             let start = bytes.len();
             let mut p = Vec::new();
+            // The walsender sends a message at its own LSN; the rest here
+            // at 0/0 (which nothing reads).
+            let mut wal_start = 0;
             match *m {
                 M::Begin(final_lsn, xid) => {
                     p.put_u8(b'B');
@@ -310,6 +427,7 @@ mod tests {
                     p.put_i64(0);
                 }
                 M::Msg(transactional, lsn, prefix, content) => {
+                    wal_start = lsn;
                     p.put_u8(b'M');
                     p.put_u8(u8::from(transactional));
                     p.put_u64(lsn);
@@ -332,8 +450,9 @@ mod tests {
                     p.put_u8(0);
                     p.put_u32(16384);
                 }
+                M::Raw(msg) => p.extend_from_slice(msg),
             }
-            xlog(&mut bytes, &p);
+            xlog(&mut bytes, wal_start, &p);
             bodies.push(start..bytes.len());
         }
         Run {
@@ -387,6 +506,34 @@ mod tests {
             s.ack(f.token).unwrap();
         }
         assert_eq!(s.watermark(), Lsn(0x108));
+    }
+
+    #[test]
+    fn xlog_end_is_the_wal_start_plus_the_message_length() {
+        let msgs = [
+            M::Msg(false, 0x1_0000_0050, "p", b"lone"),
+            M::Begin(0x1_0000_0200, 4),
+            M::Msg(true, 0x1_0000_0100, "p", b"a"),
+            M::Msg(true, 0x1_0000_0140, "p", b"a longer one"),
+            M::Commit(0x1_0000_0208),
+        ];
+        let r = run(&msgs);
+        // Each body is `w`, 24 header bytes, then the pgoutput message.
+        let end = |i: usize, at: u64| Lsn(at + (r.bodies[i].len() - 25) as u64);
+        let mut s = Stream::new("p", Lsn(0));
+        let facts = feed(&mut s, &msgs);
+        let got: Vec<_> = facts.iter().map(|f| (f.lsn, f.xlog_end)).collect();
+        assert_eq!(
+            got,
+            [
+                (Lsn(0x1_0000_0050), end(0, 0x1_0000_0050)),
+                (Lsn(0x1_0000_0100), end(2, 0x1_0000_0100)),
+                (Lsn(0x1_0000_0140), end(3, 0x1_0000_0140)),
+            ]
+        );
+        // 'M', flags, LSN, "p\0", length, content.
+        assert_eq!(end(3, 0x1_0000_0140), Lsn(0x1_0000_0140 + 16 + 12));
+        assert_eq!(facts[1].position(), Lsn(0x1_0000_0200), "not the commit's");
     }
 
     #[test]
@@ -506,5 +653,122 @@ mod tests {
             ],
         );
         assert_eq!(ends(&again), [None, Some(0x108)]);
+    }
+
+    /// `R` for table `public.outbox` (oid `id`) with text columns.
+    fn relation_msg(id: u32, cols: &[&str]) -> Vec<u8> {
+        let mut p = vec![b'R'];
+        p.put_u32(id);
+        p.extend_from_slice(b"public\0outbox\0d");
+        p.put_i16(i16::try_from(cols.len()).unwrap());
+        for c in cols {
+            p.put_u8(0);
+            p.extend_from_slice(c.as_bytes());
+            p.put_u8(0);
+            p.put_u32(25);
+            p.put_i32(-1);
+        }
+        p
+    }
+
+    /// `I` (or `U`/`D` by `tag`) of a row of text values into `id`.
+    fn row_msg(tag: u8, id: u32, vals: &[Option<&str>]) -> Vec<u8> {
+        let mut p = vec![tag];
+        p.put_u32(id);
+        p.put_u8(if tag == b'D' { b'K' } else { b'N' });
+        p.put_i16(i16::try_from(vals.len()).unwrap());
+        for v in vals {
+            match v {
+                None => p.put_u8(b'n'),
+                Some(t) => {
+                    p.put_u8(b't');
+                    p.put_u32(u32::try_from(t.len()).unwrap());
+                    p.extend_from_slice(t.as_bytes());
+                }
+            }
+        }
+        p
+    }
+
+    const OUTBOX: [&str; 5] = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+
+    #[test]
+    fn outbox_rows_are_facts_in_commit_order_with_the_messages() {
+        let mut s = Stream::new("p", Lsn(0));
+        let row = |agg: Option<&'static str>, payload: &'static str| {
+            row_msg(
+                b'I',
+                9,
+                &[
+                    Some("id-1"),
+                    agg,
+                    Some("o-1"),
+                    Some("placed"),
+                    Some(payload),
+                ],
+            )
+        };
+        let (r, i1, bad, upd, del) = (
+            relation_msg(9, &OUTBOX),
+            row(Some("order"), "{}"),
+            row(None, "x"),
+            row_msg(
+                b'U',
+                9,
+                &[
+                    Some("id-1"),
+                    Some("order"),
+                    Some("o-1"),
+                    Some("placed"),
+                    Some("{}"),
+                ],
+            ),
+            row_msg(b'D', 9, &[Some("id-1"), None, None, None, None]),
+        );
+        let facts = feed(
+            &mut s,
+            &[
+                M::Begin(0x100, 7),
+                M::Raw(&r),
+                M::Msg(true, 0x10, "p", b"m1"),
+                M::Raw(&i1),
+                M::Raw(&upd),
+                M::Raw(&del),
+                M::Raw(&bad),
+                M::Msg(true, 0x40, "p", b"m2"),
+                M::Commit(0x108),
+            ],
+        );
+        assert_eq!(ends(&facts), [None, None, None, Some(0x108)]);
+        assert_eq!(&facts[0].content[..], b"m1");
+        let envelope = crate::fact::decode(facts[1].content.clone()).unwrap();
+        assert_eq!(
+            (
+                envelope.aggregate_type.as_str(),
+                envelope.event_type.as_str(),
+                &envelope.payload[..]
+            ),
+            ("order", "placed", &b"{}"[..])
+        );
+        assert!(facts[1].bad_row.is_none());
+        let why = facts[2].bad_row.as_deref().expect("a NULL aggregatetype");
+        assert!(why.contains("aggregatetype"), "{why}");
+        assert!(facts.iter().all(|f| f.txn.is_some_and(|t| t.xid == 7)));
+        assert_eq!(s.ignored_changes(), 2, "the update and the delete");
+        for f in &facts {
+            assert_eq!(s.watermark(), Lsn(0), "a fact is unacked");
+            s.ack(f.token).unwrap();
+        }
+        assert_eq!(s.watermark(), Lsn(0x108));
+    }
+
+    #[test]
+    fn a_row_of_an_unannounced_table_is_an_error() {
+        let mut s = Stream::new("p", Lsn(0));
+        let i = row_msg(b'I', 3, &[None]);
+        let r = run(&[M::Begin(0x100, 1), M::Raw(&i)]);
+        s.handle(&r.bytes, r.bodies[0].clone()).unwrap();
+        let err = s.handle(&r.bytes, r.bodies[1].clone()).unwrap_err();
+        assert!(matches!(err, StreamError::Relation(_)), "{err}");
     }
 }

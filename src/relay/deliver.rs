@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  progress::Fact ──fact::decode_view──► check_required ──Router::route──► fact_record ──► rings[ring]
-//!        │ (does not decode, lacks a field, no legal topic) ──► dead_letter ──► rings[DLQ's ring]
+//!        │ (does not decode, lacks a field, no legal topic, a bad outbox row) ──► dead_letter ──► rings[DLQ's ring]
 //!        └ topic not known yet ──Topics::partitions (own thread)──► Router::learn
 //! ```
 //!
@@ -76,9 +76,14 @@ impl Deliver {
         w: &mut Waiting<'_>,
     ) -> Result<Delivered, RelayError> {
         let position = fact.position();
-        let made = match decode_view_or_return(fact.content) {
-            Ok(view) => self.record(view, position, opaque, w).await?,
-            Err((e, raw)) => self.dead(raw, &e.to_string(), position, opaque, w).await?,
+        let lsn = self.shape.headers.lsn(position, fact.xlog_end);
+        let made = if let Some(error) = &fact.bad_row {
+            self.dead(fact.content, error, position, opaque, w).await?
+        } else {
+            match decode_view_or_return(fact.content) {
+                Ok(view) => self.record(view, position, lsn, opaque, w).await?,
+                Err((e, raw)) => self.dead(raw, &e.to_string(), position, opaque, w).await?,
+            }
         };
         let Some((ring, mut rec)) = made else {
             return Ok(Delivered::Stopped);
@@ -91,12 +96,14 @@ impl Deliver {
         Ok(Delivered::Pushed)
     }
 
-    /// The record of a decoded fact, or its dead letter; `None` if a stop
-    /// came while waiting for a topic's metadata.
+    /// The record of a decoded fact (its LSN header carrying `lsn`), or its
+    /// dead letter (carrying `position`); `None` if a stop came while
+    /// waiting for a topic's metadata.
     async fn record(
         &mut self,
         view: FactView,
         position: Lsn,
+        lsn: Lsn,
         opaque: usize,
         w: &mut Waiting<'_>,
     ) -> Result<Option<(usize, Record)>, RelayError> {
@@ -116,7 +123,7 @@ impl Deliver {
         match routed {
             Ok(Routed::To(to)) => Ok(Some((
                 to.ring,
-                fact_record(view, self.shape, position, to.topic, to.partition, opaque),
+                fact_record(view, self.shape, lsn, to.topic, to.partition, opaque),
             ))),
             Ok(Routed::Unknown(_)) => Err(RelayError::Internal("a learned topic is unknown")),
             Err(e) => {

@@ -223,6 +223,8 @@ pub struct RelaySettings {
     pub stop_at_lsn: Option<Lsn>,
     /// Serve metrics, `/healthz` and `/readyz`; `None`: don't.
     pub metrics: Option<telemetry::MetricsSettings>,
+    /// How outbox-table rows become facts.
+    pub outbox: crate::outbox::OutboxSettings,
 }
 
 impl Default for RelaySettings {
@@ -254,6 +256,7 @@ impl Default for RelaySettings {
             standby_poll: Duration::from_secs(1),
             stop_at_lsn: None,
             metrics: None,
+            outbox: crate::outbox::OutboxSettings::default(),
         }
     }
 }
@@ -334,7 +337,7 @@ pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result
     };
     drop(ack_tx);
     let relay = Relay {
-        stream: Stream::new(&settings.prefix, Lsn::INVALID),
+        stream: Stream::new(&settings.prefix, Lsn::INVALID).with_outbox(settings.outbox.clone()),
         acks: Acks::new(ack_rx, wake, progress, settings.sink.max_message_bytes),
         deliver: Deliver::new(router, topics(), Arc::clone(&rings), settings.shape),
         exactly,

@@ -125,6 +125,7 @@ impl Relay {
             let Some(body) = run.next_body() else {
                 // Once per run of messages, and on each wake-up.
                 telemetry::publish(self.acks.outstanding(), conn.confirmed(), conn.server_lsn());
+                telemetry::outbox_skipped(self.stream.ignored_changes());
                 let deadline = timers.deadline(mark > conn.confirmed());
                 let (acks, stop) = (&self.acks, &mut self.stop);
                 let interrupt = async {

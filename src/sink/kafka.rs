@@ -458,6 +458,24 @@ impl KafkaProducer {
             .fetch_watermarks(topic, partition, timeout)
     }
 
+    /// The first partition of `topic` (of `n`) whose leader does not yet
+    /// answer a ListOffsets request for it, with the error; `None` when
+    /// all do. Blocks up to `timeout` per partition.
+    pub fn unserved_partition(
+        &self,
+        topic: &str,
+        n: u32,
+        timeout: Duration,
+    ) -> Option<(i32, KafkaError)> {
+        (0..i32::try_from(n).unwrap_or(i32::MAX)).find_map(|p| {
+            self.producer
+                .client()
+                .fetch_watermarks(topic, p, timeout)
+                .err()
+                .map(|e| (p, e))
+        })
+    }
+
     /// Whether `topic` exists and every one of its partitions has a
     /// leader. Blocks up to `timeout`.
     pub fn topic_state(&self, topic: &str, timeout: Duration) -> Result<TopicState, SinkError> {

@@ -5,6 +5,11 @@
 //!   the payload inside it).
 //! - Header names are fixed (`factlib-*`, `traceparent`, `tracestate`) plus
 //!   one per metadata entry, in the fact's metadata order.
+//! - `go-factlib` writes the Go relay's headers with its map semantics: one
+//!   header per name, a trace-metadata entry replacing a standard header of
+//!   the same name. The fact's metadata is not written, as in Go.
+//! - The sets other than `go-factlib` carry the fact's position (commit
+//!   LSN); `go-factlib` the end of its XLogData ([`HeaderSet::lsn`]).
 
 use std::sync::Arc;
 
@@ -36,6 +41,24 @@ pub enum HeaderSet {
     Full,
     /// Only `factlib-lsn`; the rest stays inside the envelope value.
     Minimal,
+    /// Exactly the Go Factlib relay's (owlpost) headers: `event_id`,
+    /// `event_type`, `LSN` (the end of the fact's XLogData) and, when the
+    /// fact has a non-empty trace id, `trace_id`, `span_id` and one per
+    /// trace-metadata entry (replacing a header of the same name).
+    GoFactlib,
+}
+
+impl HeaderSet {
+    /// The LSN a fact's record carries: its `position` (the commit LSN, or
+    /// a lone message's own) for Factlib's sets; for `go-factlib`, as the Go
+    /// relay, `xlog_end`, the end of the XLogData that carried it (its
+    /// WALStart plus the length of its pgoutput message).
+    pub fn lsn(self, position: Lsn, xlog_end: Lsn) -> Lsn {
+        match self {
+            HeaderSet::GoFactlib => xlog_end,
+            HeaderSet::Standard | HeaderSet::Full | HeaderSet::Minimal => position,
+        }
+    }
 }
 
 /// How facts become records: the value and the headers.
@@ -102,6 +125,24 @@ pub mod header {
     pub const TRACESTATE: &str = "tracestate";
 }
 
+/// The Go Factlib relay's header names (`pkg/outbox/consumer/kafka.go`,
+/// `KafkaEventHandler`), for `--headers go-factlib`.
+pub mod go_header {
+    /// The fact's id.
+    pub const EVENT_ID: &str = "event_id";
+    /// The fact's event type.
+    pub const EVENT_TYPE: &str = "event_type";
+    /// The end of the fact's XLogData, `%X/%X`.
+    pub const LSN: &str = "LSN";
+    /// The trace id, when not empty.
+    pub const TRACE_ID: &str = "trace_id";
+    /// The span id (possibly empty), when the trace id is not.
+    pub const SPAN_ID: &str = "span_id";
+    /// The names above: a trace-metadata entry with one of them replaces
+    /// that header instead of adding one.
+    pub const ALL: [&str; 5] = [EVENT_ID, EVENT_TYPE, LSN, TRACE_ID, SPAN_ID];
+}
+
 /// A W3C `traceparent` value, formatted on the stack.
 pub struct TraceParent([u8; 55]);
 
@@ -148,7 +189,8 @@ pub fn traceparent(t: TraceRef<'_>) -> Option<TraceParent> {
 
 /// Builds the record for a decoded fact. The key and value are zero-copy
 /// slices of the envelope the fact was decoded from (the value reuses the
-/// view's handle).
+/// view's handle). `lsn` is the one its LSN header carries
+/// ([`HeaderSet::lsn`] of the fact's positions).
 pub fn fact_record(
     fact: FactView,
     shape: RecordShape,
@@ -157,11 +199,39 @@ pub fn fact_record(
     partition: i32,
     opaque: usize,
 ) -> Record {
+    let headers = match shape.headers {
+        HeaderSet::GoFactlib => go_factlib_headers(&fact, lsn),
+        set => factlib_headers(&fact, set, lsn),
+    };
+    let created_at = fact.created_at();
+    let timestamp_ms = (created_at > 0).then_some(created_at / 1_000_000);
+    let key = fact.aggregate_id_bytes();
+    let value = match shape.value {
+        ValueMode::Envelope => fact.into_envelope(),
+        ValueMode::Payload => fact.into_payload(),
+    };
+    let bytes = headers.bytes + key.len() + value.len();
+    Record {
+        topic,
+        partition,
+        key: Some(key),
+        value,
+        headers: headers.owned,
+        bytes,
+        opaque,
+        txn_end: None,
+        timestamp_ms,
+    }
+}
+
+/// The headers of Factlib's own sets (`standard`, `full`, `minimal`).
+#[inline]
+fn factlib_headers(fact: &FactView, set: HeaderSet, lsn: Lsn) -> Headers {
     let lsn = lsn.text();
-    let set = shape.headers;
     let mut headers = Headers::with_capacity(match set {
         HeaderSet::Minimal => 1,
-        HeaderSet::Standard => 5 + fact.metadata_len(),
+        // go-factlib has its own builder and never comes here.
+        HeaderSet::Standard | HeaderSet::GoFactlib => 5 + fact.metadata_len(),
         HeaderSet::Full => 6 + fact.metadata_len(),
     });
     if set != HeaderSet::Minimal {
@@ -185,25 +255,49 @@ pub fn fact_record(
             }
         }
     }
-    let created_at = fact.created_at();
-    let timestamp_ms = (created_at > 0).then_some(created_at / 1_000_000);
-    let key = fact.aggregate_id_bytes();
-    let value = match shape.value {
-        ValueMode::Envelope => fact.into_envelope(),
-        ValueMode::Payload => fact.into_payload(),
-    };
-    let bytes = headers.bytes + key.len() + value.len();
-    Record {
-        topic,
-        partition,
-        key: Some(key),
-        value,
-        headers: headers.owned,
-        bytes,
-        opaque,
-        txn_end: None,
-        timestamp_ms,
+    headers
+}
+
+/// The Go relay's headers. Go builds them as a `map[string]string`:
+/// `event_id`, `event_type`, `LSN`; then, if the fact has trace info with a
+/// non-empty trace id, `trace_id`, `span_id` and every trace-metadata entry,
+/// each written over a name already there. So there is one header per name,
+/// and a trace-metadata entry named like a standard header replaces its
+/// value. (Go's map order is random, so header order carries nothing.)
+fn go_factlib_headers(fact: &FactView, lsn: Lsn) -> Headers {
+    let lsn = lsn.text();
+    let trace = fact.trace_info().filter(|t| !t.trace_id().is_empty());
+    let mut headers = Headers::with_capacity(3 + trace.map_or(0, |t| 2 + t.metadata_len()));
+    let id = fact.utf8(TextField::Id);
+    headers.add(
+        go_header::EVENT_ID,
+        go_value(trace, go_header::EVENT_ID, id),
+    );
+    let event_type = fact.utf8(TextField::EventType);
+    let event_type = go_value(trace, go_header::EVENT_TYPE, event_type);
+    headers.add(go_header::EVENT_TYPE, event_type);
+    headers.add(
+        go_header::LSN,
+        go_value(trace, go_header::LSN, lsn.as_bytes()),
+    );
+    if let Some(t) = trace {
+        let trace_id = go_value(trace, go_header::TRACE_ID, t.trace_id().as_bytes());
+        headers.add(go_header::TRACE_ID, trace_id);
+        let span_id = go_value(trace, go_header::SPAN_ID, t.span_id().as_bytes());
+        headers.add(go_header::SPAN_ID, span_id);
+        for (k, v) in t.metadata() {
+            if !go_header::ALL.contains(&k) {
+                headers.add(k, v.as_bytes());
+            }
+        }
     }
+    headers
+}
+
+/// The value Go leaves in header `name`: the trace-metadata entry of that
+/// name when `trace` has one (it was written last), else `own`.
+fn go_value<'a>(trace: Option<TraceRef<'a>>, name: &str, own: &'a [u8]) -> &'a [u8] {
+    trace.and_then(|t| t.get(name)).map_or(own, str::as_bytes)
 }
 
 /// rdkafka headers plus the count of value bytes added.
@@ -425,6 +519,239 @@ mod tests {
             ]
         );
         assert_eq!(names(HeaderSet::Minimal), ["factlib-lsn"]);
+    }
+
+    /// The Go relay's headers for `fact` at `lsn`, modelled the way
+    /// `KafkaEventHandler` builds them: one map, written in Go's order.
+    fn go_model(fact: &Fact, lsn: &str) -> BTreeMap<String, Vec<u8>> {
+        let mut m = BTreeMap::new();
+        m.insert("event_id".to_owned(), fact.id.clone().into_bytes());
+        m.insert(
+            "event_type".to_owned(),
+            fact.event_type.clone().into_bytes(),
+        );
+        m.insert("LSN".to_owned(), lsn.as_bytes().to_vec());
+        if let Some(t) = fact.trace_info.as_ref().filter(|t| !t.trace_id.is_empty()) {
+            m.insert("trace_id".to_owned(), t.trace_id.clone().into_bytes());
+            m.insert("span_id".to_owned(), t.span_id.clone().into_bytes());
+            for (k, v) in &t.metadata {
+                m.insert(k.clone(), v.clone().into_bytes());
+            }
+        }
+        m
+    }
+
+    /// The go-factlib record of `fact` at `lsn`: its headers as a map,
+    /// failing on a repeated name.
+    fn go_headers(fact: &Fact, lsn: Lsn) -> BTreeMap<String, Vec<u8>> {
+        let view = decode_view(Bytes::from(encode(fact))).unwrap();
+        let r = fact_record(
+            view,
+            shape(ValueMode::Envelope, HeaderSet::GoFactlib),
+            lsn,
+            "t".into(),
+            0,
+            0,
+        );
+        let list = headers_of(&r);
+        let map: BTreeMap<_, _> = list.iter().cloned().collect();
+        assert_eq!(map.len(), list.len(), "one header per name: {list:?}");
+        let header_bytes: usize = list.iter().map(|(_, v)| v.len()).sum();
+        assert_eq!(
+            r.bytes,
+            header_bytes + fact.aggregate_id.len() + r.value.len()
+        );
+        map
+    }
+
+    fn traced(trace_id: &str, span_id: &str, metadata: &[(&str, &str)]) -> Fact {
+        let (_, view) = sample();
+        Fact {
+            trace_info: Some(TraceInfo {
+                trace_id: trace_id.into(),
+                span_id: span_id.into(),
+                metadata: metadata
+                    .iter()
+                    .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            }),
+            ..view.to_fact()
+        }
+    }
+
+    fn text_map(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn go_factlib_headers_without_trace_info() {
+        let (envelope, view) = sample();
+        let untraced = Fact {
+            trace_info: None,
+            ..view.to_fact()
+        };
+        assert_eq!(
+            go_headers(&untraced, Lsn(0x1_ABCD_EF00)),
+            text_map(&[
+                ("event_id", "id-1"),
+                ("event_type", "placed"),
+                ("LSN", "1/ABCDEF00")
+            ]),
+            "the fact's metadata (tenant) is not a header in Go"
+        );
+        // A trace info with an empty trace id adds nothing, its metadata
+        // neither (Go checks `TraceId != ""`).
+        let empty_id = traced("", "00f067aa0ba902b7", &[("k", "v"), ("LSN", "x")]);
+        assert_eq!(go_headers(&empty_id, Lsn(0)), go_model(&empty_id, "0/0"));
+        assert_eq!(go_headers(&empty_id, Lsn(0)).len(), 3);
+        // Key and value are the same as the other sets'.
+        let r = fact_record(
+            view,
+            shape(ValueMode::Envelope, HeaderSet::GoFactlib),
+            Lsn(1),
+            "t".into(),
+            2,
+            5,
+        );
+        assert_eq!(r.key.as_deref(), Some(&b"o-7"[..]));
+        assert_eq!(r.value, envelope);
+        assert_eq!((r.partition, r.opaque), (2, 5));
+    }
+
+    #[test]
+    fn go_factlib_headers_with_trace_info() {
+        let (_, view) = sample();
+        let fact = view.to_fact();
+        assert_eq!(
+            go_headers(&fact, Lsn(0x16_B374_D848)),
+            text_map(&[
+                ("event_id", "id-1"),
+                ("event_type", "placed"),
+                ("LSN", "16/B374D848"),
+                ("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"),
+                ("span_id", "00f067aa0ba902b7"),
+                ("tracestate", "k=v"),
+            ])
+        );
+        // Values are the fields as written: no W3C checks or lower-casing.
+        let odd = traced("NOT-HEX", "", &[]);
+        assert_eq!(
+            go_headers(&odd, Lsn(0x10)),
+            text_map(&[
+                ("event_id", "id-1"),
+                ("event_type", "placed"),
+                ("LSN", "0/10"),
+                ("trace_id", "NOT-HEX"),
+                ("span_id", ""),
+            ]),
+            "an empty span id is still a header"
+        );
+    }
+
+    #[test]
+    fn go_factlib_trace_metadata_replaces_a_header_of_the_same_name() {
+        let fact = traced(
+            "t1",
+            "s1",
+            &[
+                ("LSN", "over-lsn"),
+                ("event_id", "over-id"),
+                ("event_type", "over-type"),
+                ("trace_id", "over-trace"),
+                ("span_id", "over-span"),
+                ("lsn", "lower-case is another name"),
+                ("extra", "e"),
+            ],
+        );
+        let got = go_headers(&fact, Lsn(0x20));
+        assert_eq!(
+            got,
+            text_map(&[
+                ("event_id", "over-id"),
+                ("event_type", "over-type"),
+                ("LSN", "over-lsn"),
+                ("trace_id", "over-trace"),
+                ("span_id", "over-span"),
+                ("lsn", "lower-case is another name"),
+                ("extra", "e"),
+            ])
+        );
+        assert_eq!(got, go_model(&fact, "0/20"));
+    }
+
+    #[test]
+    fn go_factlib_lsn_text_is_pglogrepls() {
+        // pglogrepl's LSN.String(): fmt.Sprintf("%X/%X", uint32(lsn>>32),
+        // uint32(lsn)); these are its outputs for the same values.
+        for (lsn, go) in [
+            (0, "0/0"),
+            (0xA, "0/A"),
+            (0x1_0000_0000, "1/0"),
+            (0x1_ABCD_EF00, "1/ABCDEF00"),
+            (0xABCD_EF00_0000_0000, "ABCDEF00/0"),
+            (u64::MAX, "FFFFFFFF/FFFFFFFF"),
+        ] {
+            let (_, view) = sample();
+            let untraced = Fact {
+                trace_info: None,
+                ..view.to_fact()
+            };
+            assert_eq!(go_headers(&untraced, Lsn(lsn))["LSN"], go.as_bytes());
+        }
+    }
+
+    #[test]
+    fn only_go_factlib_carries_the_xlog_end() {
+        let (position, xlog_end) = (Lsn(0x100), Lsn(0x9A));
+        assert_eq!(HeaderSet::GoFactlib.lsn(position, xlog_end), xlog_end);
+        for set in [HeaderSet::Standard, HeaderSet::Full, HeaderSet::Minimal] {
+            assert_eq!(set.lsn(position, xlog_end), position, "{set:?}");
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any fact: exactly the headers of Go's map, names drawn so that
+        /// they often collide with the standard ones.
+        #[test]
+        fn go_factlib_headers_are_gos_map(
+            id in "[a-z0-9-]{0,8}",
+            event_type in "[a-z.]{0,8}",
+            trace in prop::option::of((
+                "[0-9a-f]{0,4}",
+                "[0-9a-f]{0,4}",
+                prop::collection::btree_map(
+                    prop::sample::select(vec![
+                        "event_id", "event_type", "LSN", "trace_id", "span_id", "lsn", "", "k",
+                    ]).prop_map(str::to_owned),
+                    "[ -~]{0,6}",
+                    0..6,
+                ),
+            )),
+            metadata in prop::collection::btree_map("[a-zA-Z_]{0,6}", "[a-z]{0,4}", 0..4),
+            lsn: u64,
+        ) {
+            let fact = Fact {
+                id,
+                aggregate_type: "order".into(),
+                aggregate_id: "o-1".into(),
+                event_type,
+                payload: Bytes::from_static(b"p"),
+                created_at: 1,
+                metadata,
+                trace_info: trace.map(|(trace_id, span_id, metadata)| TraceInfo {
+                    trace_id,
+                    span_id,
+                    metadata,
+                }),
+            };
+            let go_lsn = format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF);
+            prop_assert_eq!(go_headers(&fact, Lsn(lsn)), go_model(&fact, &go_lsn));
+        }
     }
 
     #[test]

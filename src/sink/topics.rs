@@ -9,8 +9,14 @@
 //!   would wait out the timeout.)
 //! - A missing topic is an error unless topic creation is on.
 //! - A topic is handed to routing only once every partition has a leader
-//!   ([`TopicState::Ready`]): producing to a partition the broker has not
-//!   applied yet can lose a batch (see [`TopicState::of_partitions`]).
+//!   ([`TopicState::Ready`]) and that leader answers for it: producing to a
+//!   partition the broker has not applied yet can lose a batch (see
+//!   [`TopicState::of_partitions`]). A broker publishes a new topic's
+//!   leaders in its metadata before its replica manager has the
+//!   partitions, so the metadata alone is not enough: each leader must
+//!   answer a ListOffsets request for its partition (which the replica
+//!   manager serves). CI lost the first fact of a just-created topic's
+//!   partition that way, with the metadata check alone.
 
 use std::time::Duration;
 
@@ -70,6 +76,14 @@ impl Topics {
 
     /// `configs` set: a checkpoint topic (one partition, these configs).
     async fn ready(&self, topic: &str, configs: Option<&[(&str, &str)]>) -> Result<u32, SinkError> {
+        let n = self.led(topic, configs).await?;
+        self.served(topic, n).await?;
+        Ok(n)
+    }
+
+    /// The partition count once every partition has a leader in the
+    /// metadata (creating the topic first when allowed).
+    async fn led(&self, topic: &str, configs: Option<&[(&str, &str)]>) -> Result<u32, SinkError> {
         match self.fetch(topic).await? {
             TopicState::Ready(n) => return Ok(n),
             TopicState::NotReady => {}
@@ -103,6 +117,37 @@ impl Topics {
             wait = (wait * 2).min(Duration::from_millis(100));
         }
         Err(SinkError::NotReady(topic.to_owned()))
+    }
+
+    /// Waits until each partition's leader answers for it (see the module's
+    /// invariants). Should one still not answer after [`READY_WITHIN`], a
+    /// warning says so and the topic is used anyway, as before this check.
+    async fn served(&self, topic: &str, n: u32) -> Result<(), SinkError> {
+        let deadline = tokio::time::Instant::now() + READY_WITHIN;
+        let mut wait = Duration::from_millis(10);
+        loop {
+            let producer = self.producer.clone();
+            let (name, timeout) = (topic.to_owned(), self.timeout.min(READY_WITHIN));
+            let unserved = off_thread("factlib-metadata", move || {
+                Ok(producer.unserved_partition(&name, n, timeout))
+            })
+            .await?;
+            let Some((partition, error)) = unserved else {
+                return Ok(());
+            };
+            tracing::debug!(topic, partition, %error, "waiting for the partition's leader to answer for it");
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    %error,
+                    "a partition's leader does not answer for it yet; producing anyway"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(100));
+        }
     }
 
     /// One metadata request, on a thread of its own.

@@ -48,6 +48,8 @@ pub(crate) mod names {
     pub(crate) const RELAYED_BYTES: &str = "factlib_relayed_bytes_total";
     /// Records written to the dead-letter topic.
     pub(crate) const DEAD_LETTERS: &str = "factlib_dead_letters_total";
+    /// Updates, deletes and truncates of outbox tables, which are not facts.
+    pub(crate) const OUTBOX_SKIPPED: &str = "factlib_outbox_changes_skipped_total";
     /// Records Kafka refused, and Kafka transactions that failed.
     pub(crate) const PRODUCE_ERRORS: &str = "factlib_produce_errors_total";
     /// Client-wide errors and warnings librdkafka reported.
@@ -96,6 +98,7 @@ pub(crate) struct Metrics {
     pub(crate) facts_relayed: Counter,
     pub(crate) relayed_bytes: Counter,
     pub(crate) dead_letters: Counter,
+    pub(crate) outbox_skipped: Counter,
     pub(crate) produce_errors: Counter,
     pub(crate) kafka_errors: Counter,
     pub(crate) connections: Counter,
@@ -145,6 +148,7 @@ impl Metrics {
             facts_relayed: counter(&mut r, FACTS_RELAYED, "Facts acknowledged by Kafka (exactly-once: in committed transactions)"),
             relayed_bytes: counter(&mut r, RELAYED_BYTES, "Bytes of the facts acknowledged by Kafka: key and value (exactly-once: with headers)"),
             dead_letters: counter(&mut r, DEAD_LETTERS, "Facts sent to the dead-letter topic"),
+            outbox_skipped: counter(&mut r, OUTBOX_SKIPPED, "Updates, deletes and truncates of outbox tables, skipped: only inserted rows are facts"),
             produce_errors: counter(&mut r, PRODUCE_ERRORS, "Records Kafka refused and Kafka transactions that failed"),
             kafka_errors: counter(&mut r, KAFKA_ERRORS, "Client-wide errors and warnings librdkafka reported (brokers down, transport failures)"),
             connections: counter(&mut r, CONNECTIONS, "Replication connections established"),

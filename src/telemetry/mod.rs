@@ -215,6 +215,13 @@ pub(crate) fn stream_ended() {
     health::set_streaming(false);
 }
 
+/// The stream has skipped `total` changes of outbox tables so far (a
+/// count that never decreases).
+pub(crate) fn outbox_skipped(total: u64) {
+    let c = &METRICS.outbox_skipped;
+    c.inc_by(total.saturating_sub(c.get()));
+}
+
 /// The relay's position, published on each pass of its loop: facts handed
 /// to Kafka and not yet acknowledged, the position confirmed to the
 /// server, and the server's WAL end.

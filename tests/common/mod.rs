@@ -540,3 +540,30 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// Waits (at most 10 s) until the WAL written so far is flushed. Logical
+/// decoding reads only flushed WAL, and the test cluster commits with
+/// `synchronous_commit = off`, so a slot read through SQL right after a
+/// commit may otherwise miss it.
+pub async fn wait_wal_flushed(c: &tokio_postgres::Client) {
+    let written: String = c
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for _ in 0..1000 {
+        let flushed: bool = c
+            .query_one(
+                "SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn",
+                &[&written],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if flushed {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the WAL up to {written} was not flushed within 10 s");
+}

@@ -1,15 +1,17 @@
-//! The emitter API: write a fact inside the caller's own transaction.
+//! The emitter API: write a fact inside the caller's own transaction, from
+//! Rust ([`emit`]) or from SQL (`sql_api`: `factlib.emit(…)`, which
+//! `factlib setup` installs).
 //!
 //! ```text
 //!  service tx ──emit(&tx, prefix, NewFact)──► pg_logical_emit_message(true, prefix, envelope)
-//!                                                └─ commits (or rolls back) with the business rows
+//!  service tx ──SELECT factlib.emit(…)─────────┘   └─ commits (or rolls back) with the business rows
 //! ```
 //!
 //! **Invariants**
 //! - The message is transactional: it reaches the WAL stream only if the
 //!   caller's transaction commits, and at its commit position.
 //! - Required fields are checked before anything is sent; the id (UUIDv7)
-//!   and `created_at` are always filled in here.
+//!   and `created_at` are always filled in here (by `factlib._emit` in SQL).
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,6 +22,8 @@ use tokio_postgres::GenericClient;
 
 use crate::fact::{self, Fact, TraceInfo};
 use crate::lsn::Lsn;
+
+pub(crate) mod sql_api;
 
 /// A fact as a service describes it; Factlib adds the id and timestamp.
 #[derive(Debug, Clone, Default)]
