@@ -28,7 +28,6 @@
 //!   (bytea decoded, any other type as its text), strings unchanged.
 
 use std::collections::HashMap;
-use std::fmt;
 
 use bytes::Bytes;
 
@@ -130,6 +129,9 @@ struct Layout {
     columns: Vec<(String, u32)>,
     /// The positions, or why the table does not map.
     positions: Result<Positions, String>,
+    /// The columns that become metadata, by name (the order of a map's
+    /// encoded entries); none with `--outbox-extra ignore`.
+    metadata_columns: Vec<usize>,
 }
 
 /// The relation cache and the mapping.
@@ -166,12 +168,29 @@ impl Relations {
             .map(|c| (String::from_utf8_lossy(&c.name).into_owned(), c.type_oid))
             .collect();
         let positions = positions(&self.settings.columns, &table, &columns);
+        let mut metadata_columns = Vec::new();
+        if let (Ok(p), ExtraColumns::Metadata) = (&positions, self.settings.extra) {
+            let mapped = [
+                Some(p.id),
+                Some(p.aggregate_type),
+                Some(p.aggregate_id),
+                Some(p.event_type),
+                Some(p.payload),
+                p.timestamp,
+                p.tracing,
+            ];
+            metadata_columns = (0..columns.len())
+                .filter(|i| !mapped.contains(&Some(*i)))
+                .collect();
+            metadata_columns.sort_unstable_by(|&a, &b| columns[a].0.cmp(&columns[b].0));
+        }
         self.tables.insert(
             r.relation_id,
             Layout {
                 table,
                 columns,
                 positions,
+                metadata_columns,
             },
         );
     }
@@ -255,27 +274,11 @@ impl Relations {
             Some(t) => parse_trace(t),
             None => None,
         };
-        let mut metadata: Vec<(&str, &str)> = Vec::new();
-        if self.settings.extra == ExtraColumns::Metadata {
-            let mapped = [
-                Some(p.id),
-                Some(p.aggregate_type),
-                Some(p.aggregate_id),
-                Some(p.event_type),
-                Some(p.payload),
-                p.timestamp,
-                p.tracing,
-            ];
-            for (i, (name, _)) in layout.columns.iter().enumerate() {
-                if mapped.contains(&Some(i)) {
-                    continue;
-                }
-                if let Some(v) = text(i)? {
-                    metadata.push((name, v));
-                }
+        let mut metadata: Vec<(&str, &str)> = Vec::with_capacity(layout.metadata_columns.len());
+        for &i in &layout.metadata_columns {
+            if let Some(v) = text(i)? {
+                metadata.push((&layout.columns[i].0, v));
             }
-            // As a map's entries are encoded: by key (column names are unique).
-            metadata.sort_unstable_by(|a, b| a.0.cmp(b.0));
         }
         Ok(encode_envelope(&Envelope {
             id,
@@ -548,15 +551,6 @@ fn parse_trace(t: &str) -> Option<TraceInfo> {
     }
     let empty = info.trace_id.is_empty() && info.metadata.is_empty();
     (!empty).then_some(info)
-}
-
-impl fmt::Display for ExtraColumns {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ExtraColumns::Metadata => "metadata",
-            ExtraColumns::Ignore => "ignore",
-        })
-    }
 }
 
 #[cfg(test)]
