@@ -640,8 +640,11 @@ pub struct RelayArgs {
     #[arg(long, env = "FACTLIB_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
 
-    /// Longest wait between reconnection attempts, in milliseconds (the
-    /// backoff doubles from 100 ms, with jitter).
+    /// Longest wait between reconnection attempts, in milliseconds. After
+    /// a healthy session (its first message received, then 1 s of
+    /// streaming) the first retry waits 50-100 ms; failures in a row
+    /// (refused connections, a failed start-up, sessions dying within 1 s)
+    /// double that, with jitter, up to this cap.
     #[arg(long, env = "FACTLIB_MAX_BACKOFF_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub max_backoff_ms: u64,
 

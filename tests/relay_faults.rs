@@ -13,18 +13,6 @@ use tokio::sync::Mutex;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
-async fn read_ids(topic: String, want: usize, limit: Duration) -> Vec<String> {
-    ids_of(&consume_async(&[topic], want, Duration::from_secs(2), limit).await)
-}
-
-/// The `factlib-id` of each record.
-fn ids_of(records: &[Consumed]) -> Vec<String> {
-    records
-        .iter()
-        .map(|c| c.header("factlib-id").expect("factlib-id"))
-        .collect()
-}
-
 /// The `factlib-lsn` header (its transaction's commit LSN) of fact `id`'s record.
 fn commit_lsn_of(records: &[Consumed], id: &str) -> Lsn {
     records
@@ -34,14 +22,6 @@ fn commit_lsn_of(records: &[Consumed], id: &str) -> Lsn {
         .expect("the fact's record has factlib-lsn")
         .parse()
         .unwrap()
-}
-
-/// Checks every id arrived; returns how many arrived more than once.
-fn check_all(ids: &[String], got: &[String]) -> usize {
-    let set: std::collections::HashSet<_> = got.iter().collect();
-    let missing = ids.iter().filter(|i| !set.contains(i)).count();
-    assert_eq!(missing, 0, "{missing} of {} facts lost", ids.len());
-    got.len() - set.len()
 }
 
 async fn insert_lsn() -> Lsn {
@@ -183,7 +163,7 @@ async fn postgres_restart_mid_stream_reconnects_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     // Restart the server under the relay.
-    restart_postgres("fast").await;
+    pg_ctl_restart("fast").await;
 
     let second = emit_ids(&prefix, 50, 10, 3_000).await;
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
@@ -340,39 +320,6 @@ async fn sigterm_during_a_kafka_outage(exactly_once: bool) {
     teardown(&slot, &publication).await;
 }
 
-/// Restarts the test PostgreSQL (as the cluster owner) with `pg_ctl
-/// restart -m mode`.
-async fn restart_postgres(mode: &str) {
-    let data = env_root().join("pg/data");
-    let pg_bin =
-        std::env::var("FACTLIB_ENV_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    let as_root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .unwrap()
-        .stdout
-        .starts_with(b"0\n");
-    let mut restart = if as_root {
-        let mut c = tokio::process::Command::new("runuser");
-        c.args(["-u", "postgres", "--"])
-            .arg(format!("{pg_bin}/pg_ctl"));
-        c
-    } else {
-        tokio::process::Command::new(format!("{pg_bin}/pg_ctl"))
-    };
-    restart
-        .args(["restart", "-m", mode, "-w", "-D"])
-        .arg(&data)
-        .arg("-l")
-        .arg(env_root().join("pg/log"));
-    let st = restart.output().await.unwrap();
-    assert!(
-        st.status.success(),
-        "pg_ctl restart: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-}
-
 /// Small buffers, so a Kafka outage exercises backpressure into the WAL
 /// reader.
 fn small_buffers(cmd: &mut tokio::process::Command) {
@@ -391,13 +338,6 @@ fn eo_relay(slot: &str, publication: &str, prefix: &str) -> tokio::process::Comm
     let mut c = relay(slot, publication, prefix);
     c.args(["--delivery", "exactly-once"]);
     c
-}
-
-/// Asserts every id arrived exactly once.
-fn check_exactly_once(ids: &[String], got: &[String]) {
-    let dups = check_all(ids, got);
-    assert_eq!(dups, 0, "{dups} duplicates among {} facts", ids.len());
-    assert_eq!(got.len(), ids.len(), "nothing unexpected arrived");
 }
 
 /// Issue 10, test 3: exactly-once through a Kafka broker stop and restart
@@ -469,7 +409,7 @@ async fn exactly_once_through_a_postgres_crash_loses_and_duplicates_nothing() {
     let first = emit_ids(&prefix, 300, 10, 0).await;
     let child = spawn(eo_relay(&slot, &publication, &prefix));
     tokio::time::sleep(Duration::from_millis(700)).await;
-    restart_postgres("immediate").await;
+    pg_ctl_restart("immediate").await;
     let second = emit_ids(&prefix, 50, 10, 3_000).await;
     let mut all: Vec<String> = first.iter().chain(&second).cloned().collect();
     let (t, n) = (topic.clone(), all.len());
@@ -477,7 +417,7 @@ async fn exactly_once_through_a_postgres_crash_loses_and_duplicates_nothing() {
     check_exactly_once(&all, &got);
     // Crash PostgreSQL again, then kill the relay: the next one starts from
     // whatever the slot remembers.
-    restart_postgres("immediate").await;
+    pg_ctl_restart("immediate").await;
     signal(&child, "KILL").await;
     let out = child.wait_with_output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

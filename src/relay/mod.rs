@@ -21,8 +21,8 @@
 //!   session; the relay waits until everything already handed to Kafka is
 //!   acknowledged, then streams again exactly from the watermark after a
 //!   backoff; acks from an older connection are ignored.
-//! - The backoff starts over once a session has streamed for
-//!   [`HEALTHY_SESSION`].
+//! - The backoff starts over after a healthy session (`backoff`): one
+//!   that got its first message and streamed for [`HEALTHY_SESSION`].
 //! - On SIGTERM/SIGINT: stop reading at a transaction boundary, wait (up to
 //!   the shutdown timeout) for in-flight facts, send the final position,
 //!   exit 0.
@@ -37,16 +37,17 @@
 //! Kafka.
 
 mod acks;
+mod backoff;
 mod deliver;
 mod exactly;
 mod session;
 
+pub use backoff::{HEALTHY_SESSION, MIN_DELAY};
 pub use exactly::CheckpointError;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::{watch, Notify};
 
 use crate::lsn::Lsn;
@@ -59,6 +60,7 @@ use crate::source::{ConnectionConfig, SourceError, SourceSettings};
 use crate::telemetry;
 
 use acks::{Acks, Drained, Progress};
+use backoff::Backoff;
 use deliver::Deliver;
 use exactly::Exactly;
 
@@ -66,9 +68,6 @@ use exactly::Exactly;
 /// drains 4 × 1024 was as fast as 16 × 1024 and used 25–30 MiB less memory
 /// (`perf/README.md`).
 pub const EXACTLY_ONCE_RING_FACTOR: usize = 4;
-
-/// A session that streamed this long was healthy: the backoff starts over.
-pub const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
 /// Why the relay stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +99,14 @@ pub enum RelayError {
         /// The walsender serving the other process.
         pid: i32,
     },
+    /// The slot is still held by the walsender of this relay's previous
+    /// connection, which is exiting (it was just cut off): retried like a
+    /// lost connection, not waited out as a standby.
+    #[error("replication slot still held by this relay's previous walsender (PID {pid}), which is exiting")]
+    OwnWalsenderExiting {
+        /// That walsender.
+        pid: i32,
+    },
     /// An ack that matches no fact in flight.
     #[error("unexpected delivery report: {0}")]
     Progress(#[from] ProgressError),
@@ -126,7 +133,7 @@ impl RelayError {
             RelayError::Route(e) => e.is_transient(),
             RelayError::Checkpoint(e) => e.is_transient(),
             RelayError::Progress(e) => e.is_transient(),
-            RelayError::SlotInUse { .. } => true,
+            RelayError::SlotInUse { .. } | RelayError::OwnWalsenderExiting { .. } => true,
             RelayError::Telemetry(e) => e.is_transient(),
             RelayError::Delivery(_) | RelayError::Thread(_) | RelayError::Internal(_) => false,
         }
@@ -136,7 +143,7 @@ impl RelayError {
     /// or refused by START_REPLICATION (two relays checked at once).
     fn slot_in_use(&self) -> bool {
         match self {
-            RelayError::SlotInUse { .. } => true,
+            RelayError::SlotInUse { .. } | RelayError::OwnWalsenderExiting { .. } => true,
             RelayError::Source(e) => e.sqlstate() == Some("55006"),
             _ => false,
         }
@@ -341,7 +348,8 @@ pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result
         acks: Acks::new(ack_rx, wake, progress, settings.sink.max_message_bytes),
         deliver: Deliver::new(router, topics(), Arc::clone(&rings), settings.shape),
         exactly,
-        reconnect: Reconnect::new(settings.max_backoff),
+        backoff: Backoff::new(settings.max_backoff, backoff::seed()),
+        own_walsender: None,
         standby_since: None,
         clock: telemetry::CommitClock::new(),
         settings,
@@ -384,7 +392,11 @@ struct Relay {
     deliver: Deliver,
     /// Exactly-once: the checkpoint, and dropping what it covers.
     exactly: Option<Exactly>,
-    reconnect: Reconnect,
+    /// When to connect again after a transient failure.
+    backoff: Backoff,
+    /// The walsender of this relay's latest connection: a slot it still
+    /// holds is this relay's own, not another relay's.
+    own_walsender: Option<i32>,
     /// Since when this relay waits as a standby for the slot.
     standby_since: Option<std::time::Instant>,
     /// Commit → ack timing of the transactions in flight.
@@ -396,10 +408,11 @@ struct Relay {
 enum Ended {
     /// Stop requested; everything confirmed that could be.
     Stopped,
-    /// A transient failure, after streaming for `streamed`.
+    /// A transient failure, after streaming for `streamed` since the
+    /// first message (`None`: start-up never got that far).
     Lost {
         error: RelayError,
-        streamed: Duration,
+        streamed: Option<Duration>,
     },
 }
 
@@ -411,6 +424,7 @@ impl Relay {
                 Ended::Stopped => return Ok(()),
                 Ended::Lost { error, streamed } => (error, streamed),
             };
+            let failed_at = tokio::time::Instant::now();
             let wait = if error.slot_in_use() {
                 if self.standby_since.is_none() {
                     self.standby_since = Some(std::time::Instant::now());
@@ -422,17 +436,20 @@ impl Relay {
                 }
                 self.settings.standby_poll
             } else {
-                let wait = self.reconnect.next(streamed);
+                let retry = self.backoff.after(streamed);
                 telemetry::Interrupted {
                     error: &error,
-                    retry_in: wait,
+                    attempt: retry.attempt,
+                    retry_in: retry.delay,
+                    streamed,
                 }
                 .emit();
-                wait
+                retry.delay
             };
             // What was handed to Kafka must be settled (acknowledged, or
             // in exactly-once committed or aborted) before streaming
-            // restarts at the watermark.
+            // restarts at the watermark. The wait runs from the failure,
+            // so settling is part of it.
             if self
                 .acks
                 .settle(&mut self.stream, &mut self.stop, None)
@@ -446,80 +463,16 @@ impl Relay {
             self.clock.clear();
             self.acks.next_generation();
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(failed_at + wait) => {}
                 _ = self.stop.wait_for(|s| *s) => return Ok(()),
             }
         }
     }
 }
 
-/// When to try again after a transient failure: exponential backoff with
-/// jitter, started over after a healthy session.
-struct Reconnect {
-    builder: ExponentialBuilder,
-    backoff: ExponentialBackoff,
-    max: Duration,
-}
-
-impl Reconnect {
-    /// Waits double from 50–100 ms up to `max`; jitter puts each in the
-    /// upper half of its step.
-    fn new(max: Duration) -> Self {
-        let builder = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(max / 2)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times();
-        Reconnect {
-            backoff: builder.build(),
-            builder,
-            max,
-        }
-    }
-
-    /// The wait before the next attempt, after a session that streamed for
-    /// `streamed` (zero if it never started streaming).
-    fn next(&mut self, streamed: Duration) -> Duration {
-        if streamed >= HEALTHY_SESSION {
-            self.backoff = self.builder.build();
-        }
-        self.backoff.next().unwrap_or(self.max).min(self.max)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Reconnect::new(Duration::from_secs(1));
-        let first = b.next(Duration::ZERO);
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        for _ in 0..20 {
-            let d = b.next(Duration::ZERO);
-            assert!(d <= Duration::from_secs(1), "{d:?}");
-        }
-        assert!(b.next(Duration::ZERO) >= Duration::from_millis(500));
-    }
-
-    /// The bug: after about ten brief disconnects, every later blip cost
-    /// 15–30 s for the rest of the process's life.
-    #[test]
-    fn backoff_starts_over_after_a_healthy_session() {
-        let mut b = Reconnect::new(Duration::from_secs(30));
-        for _ in 0..12 {
-            b.next(Duration::from_secs(1));
-        }
-        assert!(b.next(Duration::from_secs(1)) >= Duration::from_secs(15));
-        let after_healthy = b.next(HEALTHY_SESSION);
-        assert!(
-            after_healthy <= Duration::from_millis(100),
-            "{after_healthy:?}"
-        );
-        assert!(b.next(Duration::ZERO) <= Duration::from_millis(200));
-    }
 
     #[test]
     fn errors_say_whether_they_are_transient() {

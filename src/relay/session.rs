@@ -69,24 +69,28 @@ impl Relay {
     /// Streams from one connection until a stop, a definite error, or a
     /// transient one ([`Ended::Lost`]).
     pub(super) async fn session(&mut self) -> Result<Ended, RelayError> {
-        let mut streaming_since = None;
-        let ended = self.stream_once(&mut streaming_since).await;
+        let mut first_message = None;
+        let ended = self.stream_once(&mut first_message).await;
         telemetry::stream_ended();
         match ended {
             Err(error) if error.is_transient() => Ok(Ended::Lost {
                 error,
-                streamed: streaming_since.map_or(Duration::ZERO, |s: Instant| s.elapsed()),
+                streamed: first_message.map(|at: Instant| at.elapsed()),
             }),
             other => other,
         }
     }
 
-    async fn stream_once(&mut self, since: &mut Option<Instant>) -> Result<Ended, RelayError> {
+    /// One connection: `first_message` is set when its first message
+    /// arrives, the end of start-up for the reconnect policy.
+    async fn stream_once(
+        &mut self,
+        first_message: &mut Option<Instant>,
+    ) -> Result<Ended, RelayError> {
         let start = self.stream.watermark();
         let Some(mut conn) = self.connect(start).await? else {
             return Ok(Ended::Stopped);
         };
-        *since = Some(Instant::now());
         telemetry::Connected {
             slot: &self.settings.slot,
             backend_pid: conn.backend_pid(),
@@ -136,6 +140,7 @@ impl Relay {
                     }
                 };
                 if let Some(r) = conn.next_run_or(interrupt).await? {
+                    first_message.get_or_insert_with(Instant::now);
                     run = r;
                 }
                 continue;
@@ -175,12 +180,19 @@ impl Relay {
         let s = &self.settings;
         let mut conn = ReplicationStream::connect(&s.connection, &s.source).await?;
         let id = conn.identify_system().await?;
-        if let Some(pid) = slot_holder(&mut conn, &s.slot).await? {
-            return Err(RelayError::SlotInUse {
-                slot: s.slot.clone(),
-                pid,
-            });
+        match slot_holder(&mut conn, &s.slot).await? {
+            Some(pid) if self.own_walsender == Some(pid) => {
+                return Err(RelayError::OwnWalsenderExiting { pid })
+            }
+            Some(pid) => {
+                return Err(RelayError::SlotInUse {
+                    slot: s.slot.clone(),
+                    pid,
+                })
+            }
+            None => {}
         }
+        self.own_walsender = Some(conn.backend_pid());
         // The slot first, then Kafka: a relay that lost the race for the
         // slot to another one must not fence that one's transactional
         // producers. Until prepared, the stream waits in the socket.

@@ -58,6 +58,11 @@ pub(crate) mod names {
     pub(crate) const CONNECTIONS: &str = "factlib_replication_connections_total";
     /// Sessions ended by a transient failure, each followed by a reconnect.
     pub(crate) const RECONNECTS: &str = "factlib_reconnects_total";
+    /// The attempt number of the latest reconnect in its run of failures
+    /// (1 after a healthy session).
+    pub(crate) const RECONNECT_ATTEMPT: &str = "factlib_reconnect_attempt";
+    /// The wait the latest reconnect chose.
+    pub(crate) const RECONNECT_DELAY: &str = "factlib_reconnect_delay_seconds";
     /// Standby status updates that raised the confirmed position.
     pub(crate) const CONFIRMS: &str = "factlib_confirms_total";
     /// Kafka transactions committed (exactly-once).
@@ -103,6 +108,8 @@ pub(crate) struct Metrics {
     pub(crate) kafka_errors: Counter,
     pub(crate) connections: Counter,
     pub(crate) reconnects: Counter,
+    pub(crate) reconnect_attempt: Gauge,
+    pub(crate) reconnect_delay: Gauge<f64, AtomicU64>,
     pub(crate) confirms: Counter,
     pub(crate) transactions: Counter,
     pub(crate) in_flight: Gauge,
@@ -153,6 +160,12 @@ impl Metrics {
             kafka_errors: counter(&mut r, KAFKA_ERRORS, "Client-wide errors and warnings librdkafka reported (brokers down, transport failures)"),
             connections: counter(&mut r, CONNECTIONS, "Replication connections established"),
             reconnects: counter(&mut r, RECONNECTS, "Sessions ended by a transient failure and retried"),
+            reconnect_attempt: gauge(&mut r, RECONNECT_ATTEMPT, "Attempt number of the latest reconnect in its run of failures; 1 after a healthy session (first message, then 1 s of streaming)"),
+            reconnect_delay: {
+                let g = Gauge::<f64, AtomicU64>::default();
+                r.register(RECONNECT_DELAY, "The wait the latest reconnect chose before its attempt", g.clone());
+                g
+            },
             confirms: counter(&mut r, CONFIRMS, "Standby status updates that raised the confirmed position"),
             transactions: counter(&mut r, TRANSACTIONS, "Kafka transactions committed (exactly-once)"),
             in_flight: gauge(&mut r, IN_FLIGHT, "Facts handed to Kafka and not yet acknowledged"),
@@ -450,6 +463,8 @@ mod tests {
             ACK_LAG,
             STREAMING,
             BROKERS_UP,
+            RECONNECT_ATTEMPT,
+            RECONNECT_DELAY,
             RSS,
             START_TIME,
             OPEN_FDS,

@@ -61,16 +61,29 @@ impl Connected<'_> {
 pub struct Interrupted<'a, E: std::fmt::Display> {
     /// Why.
     pub error: &'a E,
+    /// The next attempt's number in this run of failures (1 after a
+    /// healthy session).
+    pub attempt: u32,
     /// Wait before the next attempt.
-    pub retry_in: std::time::Duration,
+    pub retry_in: Duration,
+    /// How long the session streamed after its first message; `None` if
+    /// start-up never got that far.
+    pub streamed: Option<Duration>,
 }
 
 impl<E: std::fmt::Display> Interrupted<'_, E> {
-    /// Logs and counts.
+    /// Logs, counts, and publishes the attempt and its delay.
     pub fn emit(&self) {
         METRICS.reconnects.inc();
-        tracing::warn!(error = %self.error, retry_in_ms = u64::try_from(self.retry_in.as_millis()).unwrap_or(u64::MAX), "transient failure; retrying once the facts in flight are acknowledged, from the last confirmed position");
+        METRICS.reconnect_attempt.set(i64::from(self.attempt));
+        METRICS.reconnect_delay.set(self.retry_in.as_secs_f64());
+        let streamed_ms = self.streamed.map(millis);
+        tracing::warn!(error = %self.error, attempt = self.attempt, retry_in_ms = millis(self.retry_in), streamed_ms, "transient failure; retrying once the facts in flight are acknowledged, from the last confirmed position");
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Another process streams from the slot: the relay waits as a standby.

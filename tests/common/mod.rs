@@ -333,8 +333,16 @@ pub async fn consume_async(
 }
 
 /// `factlib relay` with test-friendly settings: topics created, 3
-/// partitions, fast confirms and progress lines.
+/// partitions, fast confirms and progress lines, reconnect waits capped at
+/// 1 s.
 pub fn relay(slot: &str, publication: &str, prefix: &str) -> Command {
+    let mut c = relay_defaults(slot, publication, prefix);
+    c.args(["--max-backoff-ms", "1000"]);
+    c
+}
+
+/// [`relay`] with the default reconnect cap (`--max-backoff-ms`).
+pub fn relay_defaults(slot: &str, publication: &str, prefix: &str) -> Command {
     let mut c = factlib(slot, publication, prefix);
     c.env("FACTLIB_BROKERS", brokers())
         .args([
@@ -349,8 +357,6 @@ pub fn relay(slot: &str, publication: &str, prefix: &str) -> Command {
             "--progress-interval-secs",
             "1",
             "--status-interval-ms",
-            "1000",
-            "--max-backoff-ms",
             "1000",
         ]);
     c
@@ -566,4 +572,71 @@ pub async fn wait_wal_flushed(c: &tokio_postgres::Client) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("the WAL up to {written} was not flushed within 10 s");
+}
+
+/// The ids (`factlib-id`) of the records read from `topic`: [`consume_async`]
+/// until `want` arrived (then 2 s more, to catch duplicates) or `limit`.
+pub async fn read_ids(topic: String, want: usize, limit: Duration) -> Vec<String> {
+    ids_of(&consume_async(&[topic], want, Duration::from_secs(2), limit).await)
+}
+
+/// The `factlib-id` of each record.
+pub fn ids_of(records: &[Consumed]) -> Vec<String> {
+    records
+        .iter()
+        .map(|c| c.header("factlib-id").expect("factlib-id"))
+        .collect()
+}
+
+/// Checks every id arrived; returns how many arrived more than once.
+pub fn check_all(ids: &[String], got: &[String]) -> usize {
+    let set: std::collections::HashSet<_> = got.iter().collect();
+    let missing = ids.iter().filter(|i| !set.contains(i)).count();
+    assert_eq!(missing, 0, "{missing} of {} facts lost", ids.len());
+    got.len() - set.len()
+}
+
+/// Asserts every id arrived exactly once.
+pub fn check_exactly_once(ids: &[String], got: &[String]) {
+    let dups = check_all(ids, got);
+    assert_eq!(dups, 0, "{dups} duplicates among {} facts", ids.len());
+    assert_eq!(got.len(), ids.len(), "nothing unexpected arrived");
+}
+
+/// Runs `pg_ctl <args> -w -D <data> -l <log>` on the test PostgreSQL, as
+/// the cluster owner.
+pub async fn pg_ctl(args: &[&str]) {
+    let data = env_root().join("pg/data");
+    let pg_bin =
+        std::env::var("FACTLIB_ENV_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let as_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        .starts_with(b"0\n");
+    let mut cmd = if as_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"])
+            .arg(format!("{pg_bin}/pg_ctl"));
+        c
+    } else {
+        Command::new(format!("{pg_bin}/pg_ctl"))
+    };
+    cmd.args(args)
+        .args(["-w", "-D"])
+        .arg(&data)
+        .arg("-l")
+        .arg(env_root().join("pg/log"));
+    let st = cmd.output().await.unwrap();
+    assert!(
+        st.status.success(),
+        "pg_ctl {args:?}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+/// Restarts the test PostgreSQL with `pg_ctl restart -m mode`.
+pub async fn pg_ctl_restart(mode: &str) {
+    pg_ctl(&["restart", "-m", mode]).await;
 }
