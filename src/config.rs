@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::fact::DEFAULT_PREFIX;
+use crate::inbox::{InboxSettings, Subscription};
 use crate::outbox::{ColumnNames, ExtraColumns, OutboxSettings};
 use crate::relay::{DeliveryMode, ExactlyOnce, RelaySettings};
 use crate::route::{RingSettings, RouteError, TopicTemplate};
@@ -26,7 +27,7 @@ use crate::sink::{
     Compression, KafkaSecurity, SaslCredentials, SaslMechanism, Secret, SecurityProtocol,
     SinkSettings,
 };
-use crate::source::{ConnectionConfig, SourceSettings, Transport, UrlError};
+use crate::source::{sql_config, ConnectionConfig, SourceSettings, Transport, UrlError};
 use crate::telemetry::{self, MetricsSettings};
 
 /// Factlib: relays facts that services write to PostgreSQL's WAL.
@@ -117,6 +118,168 @@ pub enum Command {
     /// Load generation and end-to-end verification.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Consume facts from Kafka into the consuming service's own
+    /// PostgreSQL (factlib.inbox), exactly once; `inbox setup` creates the
+    /// tables.
+    Inbox(Box<InboxArgs>),
+}
+
+/// `factlib inbox`
+#[derive(Debug, Args)]
+pub struct InboxArgs {
+    /// `setup`: create or upgrade the inbox schema; without it, consume.
+    #[command(subcommand)]
+    pub action: Option<InboxAction>,
+
+    /// The consuming service's PostgreSQL (libpq URL; TLS as its sslmode
+    /// says), where factlib.inbox lives.
+    #[arg(
+        long,
+        global = true,
+        env = "FACTLIB_INBOX_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub inbox_database_url: Option<String>,
+
+    /// Topics to read: a comma-separated list, or one regular expression
+    /// starting with ^ (librdkafka's syntax, no commas), e.g.
+    /// '^factlib\.order.*'. The relay writes the envelope (its default
+    /// --value envelope), which the inbox needs.
+    #[arg(long, env = "FACTLIB_INBOX_TOPICS", value_delimiter = ',')]
+    pub topics: Vec<String>,
+
+    /// Kafka consumer group. Processes in one group share the partitions;
+    /// the positions are stored per group in factlib.inbox_offsets.
+    #[arg(long, env = "FACTLIB_INBOX_GROUP", default_value = "factlib-inbox")]
+    pub group: String,
+
+    /// Write a batch (one database transaction) once it holds this many
+    /// records.
+    #[arg(long, env = "FACTLIB_INBOX_BATCH_MAX_FACTS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub batch_max_facts: u64,
+
+    /// ... or once its first record waited this many milliseconds.
+    #[arg(long, env = "FACTLIB_INBOX_BATCH_MAX_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub batch_max_ms: u64,
+
+    /// librdkafka's fetch queue (queued.max.messages.kbytes), in KiB: how
+    /// much is read ahead of the writer.
+    #[arg(long, env = "FACTLIB_INBOX_FETCH_QUEUE_KBYTES", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=2_097_151))]
+    pub fetch_queue_kbytes: u64,
+
+    /// Kafka's session.timeout.ms: a process that stops heartbeating (it
+    /// died) loses its partitions to the others after this long. The
+    /// broker allows 6,000 and up by default.
+    #[arg(long, env = "FACTLIB_INBOX_SESSION_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1_000..=3_600_000))]
+    pub session_timeout_ms: u64,
+
+    /// Delete processed facts (processed_at set) older than this, e.g.
+    /// 7d, 12h, 30m, 90s; checked every minute, 5,000 rows a statement.
+    /// A deleted fact's id is forgotten: a replay older than this is
+    /// written again. Off by default.
+    #[arg(long, env = "FACTLIB_INBOX_RETENTION", value_parser = parse_age)]
+    pub inbox_retention: Option<Duration>,
+
+    /// Longest wait between reconnection attempts, in milliseconds (as for
+    /// the relay: 50-100 ms after a healthy session, doubling over
+    /// failures in a row).
+    #[arg(long, env = "FACTLIB_MAX_BACKOFF_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub max_backoff_ms: u64,
+
+    /// Print a progress line every this many seconds (0: never).
+    #[arg(long, env = "FACTLIB_PROGRESS_INTERVAL_SECS", default_value_t = 10)]
+    pub progress_interval_secs: u64,
+
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics (facts
+    /// written, duplicates, dead letters, batch time, lag per partition),
+    /// with /healthz and /readyz (200 while consuming into the database
+    /// with Kafka reachable). Off by default.
+    #[arg(long, env = "FACTLIB_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<String>,
+
+    /// How to reach Kafka.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+}
+
+/// `factlib inbox …`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Subcommand)]
+pub enum InboxAction {
+    /// Create (or upgrade) factlib.inbox, its offsets, dead-letter and
+    /// claims tables and factlib.inbox_claim() in --inbox-database-url;
+    /// versioned and idempotent.
+    Setup,
+}
+
+impl InboxArgs {
+    /// The inbox database URL, which has no default.
+    pub fn database_url(&self) -> Result<&str, ConfigError> {
+        self.inbox_database_url.as_deref().ok_or_else(|| {
+            ConfigError::Inbox(
+                "set --inbox-database-url (or FACTLIB_INBOX_DATABASE_URL) to the consuming service's PostgreSQL"
+                    .into(),
+            )
+        })
+    }
+
+    /// The inbox's settings.
+    pub fn settings(&self) -> Result<InboxSettings, ConfigError> {
+        let topics = match self.topics.as_slice() {
+            [] => {
+                return Err(ConfigError::Inbox(
+                    "set --topics (or FACTLIB_INBOX_TOPICS): the topics to read, e.g. factlib.order,factlib.payment, or a pattern such as '^factlib\\.order.*'".into(),
+                ))
+            }
+            [one] if one.starts_with('^') => Subscription::Pattern(one.clone()),
+            many if many.iter().any(|t| t.starts_with('^')) => {
+                return Err(ConfigError::Inbox(
+                    "--topics: give either a list of topics or one pattern starting with ^, not both".into(),
+                ))
+            }
+            many => Subscription::Topics(many.iter().map(|t| t.trim().to_owned()).collect()),
+        };
+        sql_config(self.database_url()?)?;
+        Ok(InboxSettings {
+            database_url: self.database_url()?.to_owned(),
+            brokers: self.kafka.brokers.clone(),
+            security: self.kafka.security()?,
+            group: self.group.clone(),
+            topics,
+            batch_max_facts: to_usize(self.batch_max_facts),
+            batch_max: Duration::from_millis(self.batch_max_ms),
+            fetch_queue_kbytes: to_usize(self.fetch_queue_kbytes),
+            session_timeout: Duration::from_millis(self.session_timeout_ms),
+            retention: self.inbox_retention,
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+            progress_interval: (self.progress_interval_secs > 0)
+                .then(|| Duration::from_secs(self.progress_interval_secs)),
+            metrics: self
+                .metrics_addr
+                .as_ref()
+                .map(|addr| MetricsSettings { addr: addr.clone() }),
+        })
+    }
+}
+
+/// An age such as `7d`, `12h`, `30m` or `90s`.
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("expected a number and a unit (s, m, h or d), e.g. 7d; got {s:?}"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}: use s, m, h or d")),
+    };
+    if n == 0 {
+        return Err("the retention must be more than 0".into());
+    }
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
 }
 
 /// `factlib bench …`
@@ -201,6 +364,16 @@ pub struct BenchVerifyArgs {
     /// otherwise.
     #[arg(long, env = "FACTLIB_BENCH_ISOLATION", value_enum)]
     pub isolation: Option<IsolationArg>,
+    /// Verify factlib.inbox in this database (written by `factlib inbox`)
+    /// instead of the Kafka topics: every committed fact in it once, with
+    /// the fields it was emitted with, and nothing else from the
+    /// manifest's topics.
+    #[arg(
+        long,
+        env = "FACTLIB_VERIFY_INBOX_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub inbox_database_url: Option<String>,
 }
 
 /// `bench verify --isolation`.
@@ -973,6 +1146,9 @@ pub enum ConfigError {
     /// A flag that means something only in exactly-once mode.
     #[error("{0} applies only with --delivery exactly-once")]
     ExactlyOnceOnly(&'static str),
+    /// A missing or inconsistent `factlib inbox` setting.
+    #[error("{0}")]
+    Inbox(String),
     /// An `--outbox-columns` entry that names no field.
     #[error("--outbox-columns: unknown field {0:?}; use id, aggregate_type, aggregate_id, event_type, payload, timestamp or tracing")]
     OutboxField(String),

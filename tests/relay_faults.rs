@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -32,53 +31,6 @@ async fn insert_lsn() -> Lsn {
         .unwrap()
         .get(0);
     s.parse().unwrap()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-async fn stop_kafka() {
-    let pid_file = env_root().join("kafka/kafka.pid");
-    let pid = std::fs::read_to_string(&pid_file)
-        .expect("kafka.pid")
-        .trim()
-        .to_owned();
-    let st = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(st.success());
-    for _ in 0..300 {
-        if !PathBuf::from(format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|s| s.contains(") Z "))
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("kafka did not stop");
-}
-
-/// Starts what is stopped, with the `tests/env/up` of the checkout that
-/// owns the running environment.
-async fn start_env() {
-    let up = env_root().join("../../tests/env/up");
-    let out = tokio::process::Command::new(up).output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "tests/env/up: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

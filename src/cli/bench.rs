@@ -4,15 +4,17 @@
 //!
 //! ```text
 //!  bench emit ──real transactions (some rolled back)──► PostgreSQL
-//!      └─ manifest: one line per *committed* fact (topic, id, key, value hash)
+//!      └─ manifest: one line per *committed* fact (topic, id, key, value hash, content hash)
 //!  bench verify ──reads the topics from the start──► compares with the manifest
+//!  bench verify --inbox-database-url ──reads factlib.inbox──► compares the content hashes
 //! ```
 //!
 //! **Invariants**
 //! - A fact enters the manifest only after its transaction's COMMIT returned.
 //! - The checksum is order-independent: the wrapping sum of FNV-1a 64 over
 //!   `id || value` of every fact, so emit and verify compute the same number
-//!   when the same facts arrive.
+//!   when the same facts arrive. The inbox keeps the decoded fields, not the
+//!   envelope, so its checksum sums [`content_hash`] instead.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, Write};
@@ -43,6 +45,29 @@ pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// FNV-1a 64 over a fact's id, aggregate type, aggregate id, event type
+/// and payload, separated by 0x1f: what the inbox keeps of a fact.
+pub fn content_hash(
+    id: &str,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    event_type: &str,
+    payload: &[u8],
+) -> u64 {
+    let sep: &[u8] = &[0x1f];
+    fnv1a64(&[
+        id.as_bytes(),
+        sep,
+        aggregate_type.as_bytes(),
+        sep,
+        aggregate_id.as_bytes(),
+        sep,
+        event_type.as_bytes(),
+        sep,
+        payload,
+    ])
+}
+
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
     let context = context.into();
     move |source| CliError::Io { context, source }
@@ -64,6 +89,8 @@ struct Line {
     id: String,
     key: String,
     hash: u64,
+    /// [`content_hash`]; 0 in manifests from before it was written.
+    content: u64,
 }
 
 async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, CliError> {
@@ -156,14 +183,19 @@ async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, C
                     let topic = template
                         .render(&common.prefix, &f.aggregate_type, &f.event_type)
                         .map_err(|e| CliError::Precondition(e.to_string()))?;
-                    let l = Line {
-                        topic,
-                        id: f.id,
-                        key: f.aggregate_id,
-                        hash,
-                    };
-                    writeln!(m, "{}\t{}\t{}\t{:016x}", l.topic, l.id, l.key, l.hash)
-                        .map_err(io("writing the manifest"))?;
+                    let content = content_hash(
+                        &f.id,
+                        &f.aggregate_type,
+                        &f.aggregate_id,
+                        &f.event_type,
+                        &f.payload,
+                    );
+                    writeln!(
+                        m,
+                        "{topic}\t{}\t{}\t{hash:016x}\t{content:016x}",
+                        f.id, f.aggregate_id
+                    )
+                    .map_err(io("writing the manifest"))?;
                 }
             }
         }
@@ -261,14 +293,21 @@ fn read_manifest(path: &Path) -> Result<(Vec<Line>, bool), CliError> {
                 i + 1
             )));
         };
-        let hash = u64::from_str_radix(hash, 16).map_err(|_| {
-            CliError::Precondition(format!("{}:{}: bad hash", path.display(), i + 1))
-        })?;
+        let hex = |h: &str| {
+            u64::from_str_radix(h, 16).map_err(|_| {
+                CliError::Precondition(format!("{}:{}: bad hash", path.display(), i + 1))
+            })
+        };
+        let content = match it.next() {
+            Some(c) => hex(c)?,
+            None => 0,
+        };
         out.push(Line {
             topic: topic.into(),
             id: id.into(),
             key: key.into(),
-            hash,
+            hash: hex(hash)?,
+            content,
         });
     }
     Ok((out, exactly_once))
@@ -276,6 +315,9 @@ fn read_manifest(path: &Path) -> Result<(Vec<Line>, bool), CliError> {
 
 async fn verify(a: &BenchVerifyArgs) -> Result<ExitCode, CliError> {
     let (lines, exactly_once) = read_manifest(&a.manifest)?;
+    if let Some(url) = &a.inbox_database_url {
+        return verify_inbox(url, &lines, Duration::from_secs(a.timeout_secs)).await;
+    }
     let isolation = a.isolation.unwrap_or(if exactly_once {
         IsolationArg::ReadCommitted
     } else {
@@ -353,6 +395,96 @@ async fn verify(a: &BenchVerifyArgs) -> Result<ExitCode, CliError> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `bench verify --inbox-database-url`: waits (up to `timeout`) until
+/// every committed fact is in factlib.inbox, then compares each row of the
+/// manifest's topics with its line.
+async fn verify_inbox(url: &str, lines: &[Line], timeout: Duration) -> Result<ExitCode, CliError> {
+    if lines.iter().any(|l| l.content == 0) {
+        return Err(CliError::Precondition(
+            "the manifest has no content hashes (written by an older factlib): emit it again"
+                .into(),
+        ));
+    }
+    println!("verify: reading factlib.inbox");
+    let client = connect_sql(url).await?;
+    let pg = |context: &'static str| {
+        move |source| CliError::Postgres {
+            context: context.into(),
+            source,
+        }
+    };
+    let topics: Vec<&str> = lines
+        .iter()
+        .map(|l| l.topic.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let ids: Vec<&str> = lines.iter().map(|l| l.id.as_str()).collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let arrived: i64 = client
+            .query_one(
+                "SELECT count(*) FROM factlib.inbox WHERE id = ANY($1::text[]::uuid[])",
+                &[&ids],
+            )
+            .await
+            .map_err(pg("counting the facts in factlib.inbox"))?
+            .get(0);
+        if usize::try_from(arrived).unwrap_or(0) >= lines.len() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rows = client
+        .query(
+            "SELECT id::text, topic, aggregate_type, aggregate_id, event_type, payload \
+             FROM factlib.inbox WHERE topic = ANY($1)",
+            &[&topics],
+        )
+        .await
+        .map_err(pg("reading factlib.inbox"))?;
+    let expected: HashMap<&str, &Line> = lines.iter().map(|l| (l.id.as_str(), l)).collect();
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let (mut mismatched, mut unexpected, mut checksum) = (0u64, 0u64, 0u64);
+    for r in &rows {
+        let (id, topic, at, ai, et, payload): (String, String, String, String, String, Vec<u8>) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
+        let Some(l) = expected.get(id.as_str()) else {
+            unexpected += 1;
+            continue;
+        };
+        let content = content_hash(&id, &at, &ai, &et, &payload);
+        let count = seen.entry(id).or_default();
+        *count += 1;
+        if *count == 1 {
+            checksum = checksum.wrapping_add(content);
+        }
+        if content != l.content || topic != l.topic || ai != l.key {
+            mismatched += 1;
+        }
+    }
+    let missing = lines.iter().filter(|l| !seen.contains_key(&l.id)).count();
+    let duplicates: u64 = seen.values().map(|c| u64::from(c.saturating_sub(1))).sum();
+    let want_sum = lines.iter().fold(0u64, |s, l| s.wrapping_add(l.content));
+    println!(
+        "verify: {} committed facts expected, {} inbox rows in their topics: {} arrived, {missing} missing, {duplicates} duplicates, {mismatched} not as written, {unexpected} unexpected",
+        lines.len(),
+        rows.len(),
+        seen.len()
+    );
+    println!("verify: checksum expected {want_sum:016x}, read {checksum:016x}");
+    let complete = missing == 0 && mismatched == 0 && unexpected == 0 && checksum == want_sum;
+    if complete && duplicates == 0 {
+        println!(
+            "VERIFIED: every committed fact is in factlib.inbox exactly once, exactly as written"
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("FAILED: see the counts above");
+        Ok(ExitCode::from(1))
+    }
 }
 
 /// What `bench verify` concludes.

@@ -1,4 +1,5 @@
-//! The subcommands: `setup`, `emit`, `tail`, `status`.
+//! The subcommands: `setup`, `emit`, `tail`, `status`, `bench`, `inbox`
+//! (`relay` is `crate::relay::run`).
 //!
 //! Owns what each command prints and its exit status. Each command is a
 //! thin layer over the library stages; no protocol logic lives here.
@@ -8,6 +9,7 @@
 //! - `tail` confirms only what it has written to stdout and flushed.
 
 pub mod bench;
+pub mod inbox;
 pub mod setup;
 pub mod status;
 pub mod tail;
@@ -17,7 +19,10 @@ mod emit_cmd;
 use std::process::ExitCode;
 
 use crate::config::{check_name, Cli, Command, ConfigError};
-use crate::source::{Connector, MakeRustls, SourceError, SslMode, TlsError};
+use futures_util::StreamExt as _;
+
+use crate::source::sql::{self, pg_message, SqlConnectError};
+use crate::source::{SourceError, TlsError};
 
 /// A failed command.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,9 @@ pub enum CliError {
     /// Emitting failed.
     #[error(transparent)]
     Emit(#[from] crate::emit::EmitError),
+    /// The inbox stopped on an error.
+    #[error(transparent)]
+    Inbox(#[from] crate::inbox::InboxError),
     /// Something the user must fix before the command can work.
     #[error("{0}")]
     Precondition(String),
@@ -63,70 +71,27 @@ pub enum CliError {
     },
 }
 
-fn pg_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => crate::source::error_chain(e),
-    }
-}
-
 /// Connects an ordinary (non-replication) session for SQL, over TLS as
-/// the URL's `sslmode` (or `PGSSLMODE`) says.
+/// the URL's `sslmode` (or `PGSSLMODE`) says; the connection is driven by a
+/// local task.
 pub async fn connect_sql(url: &str) -> Result<tokio_postgres::Client, CliError> {
-    let (config, tls) = crate::source::sql_config(url).map_err(ConfigError::from)?;
-    let connected = match Connector::new(&tls)? {
-        None => config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map(|(client, conn)| spawn_connection(client, conn)),
-        Some(connector) => config
-            .connect(MakeRustls::new(connector))
-            .await
-            .map(|(client, conn)| spawn_connection(client, conn)),
-    };
-    connected.map_err(|source| sql_connect_error(source, tls.mode))
-}
-
-fn spawn_connection<S, T>(
-    client: tokio_postgres::Client,
-    conn: tokio_postgres::Connection<S, T>,
-) -> tokio_postgres::Client
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
-{
+    let (client, mut messages) = sql::connect(url).await.map_err(|e| match e {
+        SqlConnectError::Url(e) => CliError::Config(e.into()),
+        SqlConnectError::Tls(e) => CliError::Tls(e),
+        SqlConnectError::Postgres(source) => CliError::Postgres {
+            context: "cannot connect to PostgreSQL (check --database-url / FACTLIB_DATABASE_URL and that the server is running)".into(),
+            source,
+        },
+        SqlConnectError::Other(e) => CliError::Precondition(format!("cannot connect to PostgreSQL over TLS: {e}")),
+    })?;
     tokio::task::spawn_local(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "postgres connection ended");
+        while let Some(m) = messages.next().await {
+            if let Err(e) = m {
+                tracing::warn!(error = %e, "postgres connection ended");
+            }
         }
     });
-    client
-}
-
-/// A failed connect, with TLS failures told as the replication client
-/// tells them.
-fn sql_connect_error(source: tokio_postgres::Error, mode: SslMode) -> CliError {
-    // tokio-postgres 0.7 reports an `N` to its SSLRequest under
-    // sslmode=require with this text and no error type of its own.
-    let refused = source.as_db_error().is_none()
-        && std::error::Error::source(&source)
-            .is_some_and(|s| s.to_string() == "server does not support TLS");
-    if refused {
-        return CliError::Tls(TlsError::Refused { mode });
-    }
-    let is_ours = std::error::Error::source(&source).is_some_and(|s| s.is::<TlsError>());
-    if is_ours {
-        return match source.into_source().map(|s| s.downcast::<TlsError>()) {
-            Some(Ok(tls)) => CliError::Tls(*tls),
-            // Not reached: the source was checked to be a TlsError.
-            Some(Err(other)) => CliError::Precondition(crate::source::error_chain(&*other)),
-            None => CliError::Precondition("cannot connect to PostgreSQL over TLS".into()),
-        };
-    }
-    CliError::Postgres {
-        context: "cannot connect to PostgreSQL (check --database-url / FACTLIB_DATABASE_URL and that the server is running)".into(),
-        source,
-    }
+    Ok(client)
 }
 
 /// A flag that turns `true` on the first SIGTERM or SIGINT.
@@ -168,6 +133,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Tail(args) => tail::run(&cli.common, &args).await,
         Command::Status(args) => status::run(&cli.common, &args).await,
         Command::Bench(cmd) => bench::run(&cli.common, &cmd).await,
+        Command::Inbox(args) => inbox::run(&args).await,
         Command::Relay(args) => {
             let settings = args.settings(&cli.common)?;
             let stop = spawn_signal_watch();

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use super::{connect_sql, CliError};
 use crate::config::{CommonArgs, SetupArgs, SqlApiArg};
-use crate::emit::sql_api::{self, Installed, SqlApiError};
+use crate::emit::sql_api;
+use crate::schema::{Installed, SchemaError};
 
 fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CliError {
     let context = context.into();
@@ -175,7 +176,7 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
     let functions = sql_api::FUNCTIONS;
     match args.sql_api {
         SqlApiArg::None => println!("sql api: skipped (--sql-api none)"),
-        SqlApiArg::V1 => match sql_api::install(&mut client).await {
+        SqlApiArg::V1 => match sql_api::SCRIPT.install(&mut client).await {
             Ok(Installed::Created) => println!("sql api: installed v{v} ({functions})"),
             Ok(Installed::Upgraded { from }) => {
                 println!("sql api: upgraded v{from} to v{v} ({functions})")
@@ -184,13 +185,13 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
             Ok(Installed::Newer { installed }) => println!(
                 "sql api: v{installed} exists, newer than this factlib's v{v}; left unchanged"
             ),
-            Err(SqlApiError::Postgres { context, source }) => {
+            Err(SchemaError::Postgres { context, source }) => {
                 return Err(CliError::Postgres {
                     context: format!("{context} (or skip it with --sql-api none)"),
                     source,
                 })
             }
-            Err(e @ SqlApiError::Inconsistent(_)) => {
+            Err(e @ SchemaError::Inconsistent { .. }) => {
                 return Err(CliError::Precondition(e.to_string()))
             }
         },

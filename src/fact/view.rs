@@ -163,9 +163,14 @@ impl FactView {
         self.fields.payload.narrow(self.envelope)
     }
 
+    /// The payload, borrowed from the envelope.
+    pub fn payload_slice(&self) -> &[u8] {
+        self.fields.payload.bytes_in(&self.envelope)
+    }
+
     /// The payload's length in bytes.
     pub fn payload_len(&self) -> usize {
-        self.fields.payload.bytes_in(&self.envelope).len()
+        self.payload_slice().len()
     }
 
     /// When the fact was created, in Unix nanoseconds.

@@ -21,7 +21,7 @@
 //!   session; the relay waits until everything already handed to Kafka is
 //!   acknowledged, then streams again exactly from the watermark after a
 //!   backoff; acks from an older connection are ignored.
-//! - The backoff starts over after a healthy session (`backoff`): one
+//! - The backoff starts over after a healthy session (`crate::backoff`): one
 //!   that got its first message and streamed for [`HEALTHY_SESSION`].
 //! - On SIGTERM/SIGINT: stop reading at a transaction boundary, wait (up to
 //!   the shutdown timeout) for in-flight facts, send the final position,
@@ -37,12 +37,11 @@
 //! Kafka.
 
 mod acks;
-mod backoff;
 mod deliver;
 mod exactly;
 mod session;
 
-pub use backoff::{HEALTHY_SESSION, MIN_DELAY};
+pub use crate::backoff::{HEALTHY_SESSION, MIN_DELAY};
 pub use exactly::CheckpointError;
 
 use std::sync::{Arc, OnceLock};
@@ -50,6 +49,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use crate::backoff::{self, Backoff};
 use crate::lsn::Lsn;
 use crate::progress::{ProgressError, Stream, StreamError};
 use crate::route::{checkpoint_topic, RingSettings, Rings, RouteError, Router, TopicTemplate};
@@ -60,7 +60,6 @@ use crate::source::{ConnectionConfig, SourceError, SourceSettings};
 use crate::telemetry;
 
 use acks::{Acks, Drained, Progress};
-use backoff::Backoff;
 use deliver::Deliver;
 use exactly::Exactly;
 
@@ -355,7 +354,7 @@ pub async fn run(settings: RelaySettings, stop: watch::Receiver<bool>) -> Result
         settings,
         stop,
     };
-    let heartbeat = telemetry::spawn_relay_heartbeat();
+    let heartbeat = telemetry::spawn_heartbeat("relay");
     let result = relay.run().await;
     heartbeat.abort();
     rings.close();

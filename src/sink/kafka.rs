@@ -207,7 +207,7 @@ struct BrokerState {
 /// Counts the real brokers (bootstrap or learned; not librdkafka's
 /// internal or logical ones) in state UP, for `/readyz`. Statistics that do
 /// not parse are ignored.
-fn broker_states(json: &[u8]) {
+pub fn broker_states(json: &[u8]) {
     if let Some((up, total)) = brokers_up(json) {
         crate::telemetry::KafkaBrokers { up, total }.emit();
     }

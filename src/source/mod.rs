@@ -2,7 +2,7 @@
 //! string's `sslmode` says), authenticate, `IDENTIFY_SYSTEM`,
 //! `START_REPLICATION`, then stream CopyData and send standby feedback.
 //! Also owns what every connection to PostgreSQL shares: the connection
-//! string (`conn`) and TLS (`tls`, used by the SQL sessions too).
+//! string (`conn`), TLS (`tls`), and the SQL sessions over both (`sql`).
 //!
 //! ```text
 //!  ConnectionConfig ──transport::connect──► [SSLRequest ──► TLS handshake] ──► startup/auth
@@ -24,6 +24,7 @@
 //!   startup message (user, password) is sent before TLS is established.
 
 mod conn;
+pub mod sql;
 mod tls;
 pub mod transport;
 

@@ -108,12 +108,12 @@ impl Drop for Beat {
     }
 }
 
-/// Ticks a heartbeat named `relay` every second on the current thread's
-/// `LocalSet`, as long as the relay's executor runs. Abort the task when
-/// the relay ends.
-pub(crate) fn spawn_relay_heartbeat() -> tokio::task::JoinHandle<()> {
-    tokio::task::spawn_local(async {
-        let beat = Beat::register("relay");
+/// Ticks a heartbeat named `name` every second on the current thread's
+/// `LocalSet`, as long as its executor runs. Abort the task when the
+/// command ends.
+pub(crate) fn spawn_heartbeat(name: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_local(async move {
+        let beat = Beat::register(name);
         let mut every = tokio::time::interval(HEARTBEAT);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -214,7 +214,10 @@ impl Snapshot {
     /// `Ok` if ready to relay, else a short reason.
     fn readiness(&self, fresh: Duration) -> Result<(), &'static str> {
         if !self.streaming {
-            return Err("not streaming from PostgreSQL");
+            return Err(match super::role() {
+                super::Role::Relay => "not streaming from PostgreSQL",
+                super::Role::Inbox => "not consuming into the inbox database",
+            });
         }
         if self.kafka_up_ms == 0 {
             return Err("kafka: no broker reported up yet");

@@ -331,7 +331,13 @@ pub(crate) fn respond(req: &Request) -> Response {
             Ok(()) => Response::text(200, "ready"),
             Err(why) => Response::text(503, why),
         },
-        Route::Index => Response::text(200, "factlib relay: /metrics /healthz /readyz"),
+        Route::Index => Response::text(
+            200,
+            match super::role() {
+                super::Role::Relay => "factlib relay: /metrics /healthz /readyz",
+                super::Role::Inbox => "factlib inbox: /metrics /healthz /readyz",
+            },
+        ),
         Route::NotFound => Response::text(404, "not found: try /metrics, /healthz or /readyz"),
     }
 }

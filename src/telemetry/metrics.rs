@@ -187,7 +187,11 @@ pub(crate) fn render() -> String {
     let mut out = String::with_capacity(8 << 10);
     // Writing to a String cannot fail; a collector's error leaves the
     // output cut short, which a scraper reports.
-    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &METRICS.registry);
+    let registry = match super::role() {
+        super::Role::Relay => &METRICS.registry,
+        super::Role::Inbox => &super::inbox::INBOX.registry,
+    };
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, registry);
     out
 }
 
@@ -275,7 +279,7 @@ impl Collector for Derived {
 /// Standard process metrics, read from `/proc/self` on each scrape (Linux
 /// only; a value that cannot be read is left out).
 #[derive(Debug)]
-struct Process;
+pub(crate) struct Process;
 
 /// The kernel reports CPU times in `/proc` in USER_HZ, which is 100 on
 /// every Linux ABI.

@@ -21,18 +21,53 @@
 
 mod health;
 mod http;
+mod inbox;
 mod lag;
 mod metrics;
 
-pub(crate) use health::{spawn_relay_heartbeat, Beat, KAFKA_STATS_INTERVAL};
+pub(crate) use health::{spawn_heartbeat, Beat, KAFKA_STATS_INTERVAL};
 pub(crate) use http::serve;
 pub use http::{MetricsSettings, TelemetryError};
+pub(crate) use inbox::{
+    inbox_partition_released, inbox_stable_offsets, inbox_written_through, InboxBatch,
+    InboxDeadLetter, InboxProgress, InboxRetention,
+};
 pub(crate) use lag::CommitClock;
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::lsn::Lsn;
 use metrics::METRICS;
+
+/// Which command this process runs: it decides what `/metrics` serves and
+/// what `/readyz` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// `factlib relay`: the relay's metrics; ready while streaming.
+    Relay,
+    /// `factlib inbox`: the inbox's metrics; ready while consuming.
+    Inbox,
+}
+
+static ROLE: OnceLock<Role> = OnceLock::new();
+
+/// Sets this process's role, once, before serving metrics; later calls
+/// are ignored.
+pub(crate) fn set_role(role: Role) {
+    let _ = ROLE.set(role);
+}
+
+/// This process's role (the relay unless set).
+pub(crate) fn role() -> Role {
+    ROLE.get().copied().unwrap_or(Role::Relay)
+}
+
+/// Connected and working (relay: streaming from the slot; inbox:
+/// consuming into its database), or not any more.
+pub(crate) fn set_working(on: bool) {
+    health::set_streaming(on);
+}
 
 /// Connected to PostgreSQL and streaming.
 pub struct Connected<'a> {

@@ -640,3 +640,114 @@ pub async fn pg_ctl(args: &[&str]) {
 pub async fn pg_ctl_restart(mode: &str) {
     pg_ctl(&["restart", "-m", mode]).await;
 }
+
+/// The test cluster's URL with database `dbname` instead.
+pub fn url_for_db(dbname: &str) -> String {
+    let base = database_url();
+    let (head, query) = base
+        .split_once('?')
+        .map_or((base.as_str(), None), |(h, q)| (h, Some(q)));
+    let (server, _) = head.rsplit_once('/').expect("URL with /dbname");
+    match query {
+        Some(q) => format!("{server}/{dbname}?{q}"),
+        None => format!("{server}/{dbname}"),
+    }
+}
+
+/// A SQL session on the database at `url`.
+pub async fn sql_at(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A new database on the test cluster for one test's inbox, with the
+/// inbox schema installed by `factlib inbox setup`. Returns its URL.
+pub async fn inbox_db(tag: &str) -> String {
+    let name = unique(tag);
+    sql()
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let url = url_for_db(&name);
+    let mut c = factlib("factlib", "factlib", "factlib");
+    c.args(["inbox", "setup", "--inbox-database-url", &url]);
+    let r = run(c, Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "inbox setup: {}\n{}", r.stdout, r.stderr);
+    url
+}
+
+/// `factlib inbox` into `url` from `topics` in group `group`, with
+/// test-friendly settings (progress lines every second, reconnect waits
+/// capped at 1 s).
+pub fn inbox(url: &str, topics: &str, group: &str) -> Command {
+    let mut c = factlib("factlib", "factlib", "factlib");
+    c.env("FACTLIB_BROKERS", brokers()).args([
+        "inbox",
+        "--inbox-database-url",
+        url,
+        "--topics",
+        topics,
+        "--group",
+        group,
+        "--progress-interval-secs",
+        "1",
+        "--max-backoff-ms",
+        "1000",
+    ]);
+    c
+}
+
+/// The resident memory of process `pid`, in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Stops the test broker (SIGTERM) and waits until its process is gone.
+pub async fn stop_kafka() {
+    let pid_file = env_root().join("kafka/kafka.pid");
+    let pid = std::fs::read_to_string(&pid_file)
+        .expect("kafka.pid")
+        .trim()
+        .to_owned();
+    let st = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(st.success());
+    for _ in 0..300 {
+        if !PathBuf::from(format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("kafka did not stop");
+}
+
+/// Starts what is stopped, with the `tests/env/up` of the checkout that
+/// owns the running environment.
+pub async fn start_env() {
+    let up = env_root().join("../../tests/env/up");
+    let out = tokio::process::Command::new(up).output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "tests/env/up: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

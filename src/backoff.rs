@@ -1,6 +1,7 @@
-//! When to connect again after a transient failure. Owns the count of
-//! failed attempts in a row and the jitter; reads no clock (the caller says
-//! how long the session streamed), so it is tested against a fake one.
+//! When to connect again after a transient failure, for the relay and the
+//! inbox. Owns the count of failed attempts in a row and the jitter; reads
+//! no clock (the caller says how long the session streamed), so it is
+//! tested against a fake one.
 //!
 //! ```text
 //!  session ends ──(streamed since its first message?)──► Backoff::after ──► Retry { attempt, delay }
@@ -9,9 +10,10 @@
 //!      anything else (refused, bad start-up, a crash loop): attempt n+1, delay doubles up to max
 //! ```
 //!
-//! A session is *healthy* when it got through start-up (connected,
-//! authenticated, `START_REPLICATION` accepted, its first message received)
-//! and then streamed for at least [`HEALTHY_SESSION`]. After a healthy
+//! A session is *healthy* when it got through start-up (the relay:
+//! connected, authenticated, `START_REPLICATION` accepted, its first message
+//! received; the inbox: its database connected and its Kafka consumer
+//! started) and then ran for at least [`HEALTHY_SESSION`]. After a healthy
 //! session the count starts over, so a relay cut ten times a minute
 //! reconnects as fast the tenth time as the first. Failures that never get
 //! that far (a server refusing connections, a wrong password, a Kafka that
