@@ -9,7 +9,14 @@
 //! 20 ms), reads the rows written since, noting when each became visible.
 //! Latencies go into an hdrhistogram (µs).
 //!
-//! Usage: inbox_latency PRODUCER_URL PREFIX INBOX_URL RATE SECS [TXN]
+//! "Written since": with several inbox writers, `seq` is not in commit
+//! order across partitions, but within a partition it is (one writer, one
+//! transaction after another). So each read asks for `seq` above the lowest
+//! of the partitions' highest seen `seq` (until rows of all PARTITIONS were
+//! seen: the start), and ids already seen are skipped. (The 500 aggregates
+//! keep every partition busy.)
+//!
+//! Usage: inbox_latency PRODUCER_URL PREFIX INBOX_URL RATE SECS [TXN [PARTITIONS]]
 //! Prints `inbox-latency count=… p50_ms=… p99_ms=… p999_ms=… max_ms=… missing=…`.
 
 use std::collections::HashMap;
@@ -28,14 +35,18 @@ struct Times {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (producer, prefix, inbox, rate, secs, txn) = match args.as_slice() {
-        [_, p, pre, i, r, s] => (p, pre, i, r, s, "10"),
-        [_, p, pre, i, r, s, t] => (p, pre, i, r, s, t.as_str()),
+    let (producer, prefix, inbox, rate, secs, txn, partitions) = match args.as_slice() {
+        [_, p, pre, i, r, s] => (p, pre, i, r, s, "10", "6"),
+        [_, p, pre, i, r, s, t] => (p, pre, i, r, s, t.as_str(), "6"),
+        [_, p, pre, i, r, s, t, n] => (p, pre, i, r, s, t.as_str(), n.as_str()),
         _ => {
-            eprintln!("usage: inbox_latency PRODUCER_URL PREFIX INBOX_URL RATE SECS [TXN]");
+            eprintln!(
+                "usage: inbox_latency PRODUCER_URL PREFIX INBOX_URL RATE SECS [TXN [PARTITIONS]]"
+            );
             std::process::exit(2);
         }
     };
+    let partitions: usize = partitions.parse().expect("PARTITIONS");
     let rate: f64 = rate.parse().expect("RATE");
     let secs: u64 = secs.parse().expect("SECS");
     let txn: usize = txn.parse().expect("TXN");
@@ -72,7 +83,7 @@ async fn main() {
     let expected = {
         let times = Arc::clone(&times);
         let read = async {
-            let mut last = start_seq;
+            let mut last = Floor::new(start_seq, partitions);
             loop {
                 tokio::select! {
                     () = notified.notified() => {}
@@ -80,8 +91,8 @@ async fn main() {
                 }
                 let rows = reader
                     .query(
-                        "SELECT seq, id::text FROM factlib.inbox WHERE seq > $1 ORDER BY seq",
-                        &[&last],
+                        "SELECT seq, id::text, \"partition\" FROM factlib.inbox WHERE seq > $1",
+                        &[&last.floor()],
                     )
                     .await
                     .expect("read the inbox");
@@ -95,12 +106,12 @@ async fn main() {
     };
     // The tail: wait until every committed fact is visible (up to 60 s).
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = start_seq;
+    let mut last = Floor::new(start_seq, partitions);
     loop {
         let rows = reader
             .query(
-                "SELECT seq, id::text FROM factlib.inbox WHERE seq > $1 ORDER BY seq",
-                &[&last],
+                "SELECT seq, id::text, \"partition\" FROM factlib.inbox WHERE seq > $1",
+                &[&start_seq],
             )
             .await
             .expect("read the inbox");
@@ -133,12 +144,40 @@ async fn main() {
     );
 }
 
-/// Notes the rows (seq, id) as visible now and moves `last` past them.
-fn note_visible(times: &Mutex<Times>, rows: &[tokio_postgres::Row], last: &mut i64) {
+/// The highest `seq` seen per partition; rows above the lowest of them
+/// may still be new.
+struct Floor {
+    start: i64,
+    partitions: usize,
+    seen: HashMap<i32, i64>,
+}
+
+impl Floor {
+    fn new(start: i64, partitions: usize) -> Self {
+        Floor {
+            start,
+            partitions,
+            seen: HashMap::new(),
+        }
+    }
+
+    fn floor(&self) -> i64 {
+        if self.seen.len() < self.partitions {
+            return self.start;
+        }
+        self.seen.values().copied().min().unwrap_or(self.start)
+    }
+}
+
+/// Notes the rows (seq, id, partition) as visible now (the first time each
+/// is seen).
+fn note_visible(times: &Mutex<Times>, rows: &[tokio_postgres::Row], last: &mut Floor) {
     let now = Instant::now();
     let mut t = times.lock().unwrap();
     for r in rows {
-        *last = (*last).max(r.get(0));
+        let (seq, partition): (i64, i32) = (r.get(0), r.get(2));
+        let top = last.seen.entry(partition).or_insert(seq);
+        *top = (*top).max(seq);
         t.visible.entry(r.get(1)).or_insert(now);
     }
 }

@@ -162,8 +162,14 @@ pub struct InboxArgs {
     #[arg(long, env = "FACTLIB_INBOX_BATCH_MAX_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub batch_max_ms: u64,
 
+    /// Database connections writing batches at once. Each partition is
+    /// written by one of them, in order; more use more of the database's
+    /// cores.
+    #[arg(long, env = "FACTLIB_INBOX_WRITERS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub writers: u64,
+
     /// librdkafka's fetch queue (queued.max.messages.kbytes), in KiB: how
-    /// much is read ahead of the writer.
+    /// much is read ahead of the writers.
     #[arg(long, env = "FACTLIB_INBOX_FETCH_QUEUE_KBYTES", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=2_097_151))]
     pub fetch_queue_kbytes: u64,
 
@@ -196,6 +202,11 @@ pub struct InboxArgs {
     /// with Kafka reachable). Off by default.
     #[arg(long, env = "FACTLIB_METRICS_ADDR", value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,
+
+    /// Extra librdkafka consumer properties (key=value, comma-separated or
+    /// repeated), applied last, e.g. fetch.max.bytes=10485760.
+    #[arg(long = "consumer-property", env = "FACTLIB_CONSUMER_PROPERTIES", value_delimiter = ',', value_parser = parse_key_value)]
+    pub consumer_properties: Vec<(String, String)>,
 
     /// How to reach Kafka.
     #[command(flatten)]
@@ -247,8 +258,10 @@ impl InboxArgs {
             topics,
             batch_max_facts: to_usize(self.batch_max_facts),
             batch_max: Duration::from_millis(self.batch_max_ms),
+            writers: to_usize(self.writers),
             fetch_queue_kbytes: to_usize(self.fetch_queue_kbytes),
             session_timeout: Duration::from_millis(self.session_timeout_ms),
+            consumer_properties: self.consumer_properties.clone(),
             retention: self.inbox_retention,
             max_backoff: Duration::from_millis(self.max_backoff_ms),
             progress_interval: (self.progress_interval_secs > 0)

@@ -174,6 +174,20 @@ async fn every_committed_fact_lands_in_the_inbox_once() {
         .unwrap()
         .get(0);
     assert!(offsets >= 2, "offsets stored per partition: {offsets}");
+    // Within a partition (so within an aggregate), seq follows the offsets.
+    let out_of_order: i64 = sql_at(&url)
+        .await
+        .query_one(
+            "SELECT count(*) FROM (SELECT \"offset\", lag(\"offset\") OVER (PARTITION BY topic, \"partition\" ORDER BY seq) AS prev FROM factlib.inbox) x WHERE prev > \"offset\"",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        out_of_order, 0,
+        "seq order within a partition is offset order"
+    );
     let out = stop_ok(inbox).await;
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -374,7 +388,7 @@ async fn setup_is_idempotent_and_a_missing_schema_says_run_setup() {
     again.args(["inbox", "setup", "--inbox-database-url", &url]);
     let r = run(again, Duration::from_secs(60)).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("v1 exists, unchanged"), "{}", r.stdout);
+    assert!(r.stdout.contains("v2 exists, unchanged"), "{}", r.stdout);
 
     let bare = unique("ibbare");
     sql()

@@ -308,7 +308,7 @@ async fn a_database_restart_and_a_kafka_outage_mid_run_lose_and_duplicate_nothin
         (lost, got.len() - got_set.len(), rolled_back, unexpected),
         (0, 0, 0, 0)
     );
-    // librdkafka's fetch queue (16 MiB by default) plus two batches: no
+    // librdkafka's fetch queue (16 MiB by default) plus two batches per writer: no
     // backlog is held in memory.
     assert!(peak_mib < 100, "peak RSS {peak_mib} MiB");
     let out = stop_ok(inbox).await;

@@ -781,6 +781,10 @@ async fn status_shows_the_lag_in_time_and_as_json() {
     let prefix = unique("lagt");
     setup(&slot, &publication).await;
     let ids = emit_ids(&prefix, 2, 3, 0).await;
+    // The cluster commits with synchronous_commit = off: status compares
+    // the slot with pg_current_wal_lsn(), which lags the commits until the
+    // WAL writer runs.
+    wait_wal_flushed(&sql().await).await;
 
     let idle = status_json(&slot, &publication, &prefix).await;
     assert_eq!(idle["slot"], slot.as_str());

@@ -48,7 +48,7 @@ use crate::backoff::{self, Backoff};
 use crate::sink::KafkaSecurity;
 use crate::source::sql::{self, is_transient_state, pg_message, SqlConnectError};
 use crate::telemetry::{self, MetricsSettings, TelemetryError};
-use consumer::{ConsumerSettings, CHANNEL_BATCHES};
+use consumer::{ConsumerSettings, Writers, CHANNEL_BATCHES};
 use writer::Writer;
 
 /// What `--topics` names.
@@ -79,11 +79,16 @@ pub struct InboxSettings {
     pub batch_max_facts: usize,
     /// ... or once its first record is this old.
     pub batch_max: Duration,
+    /// Database connections writing batches at once; each partition has
+    /// one.
+    pub writers: usize,
     /// librdkafka's fetch queue, in KiB (`queued.max.messages.kbytes`).
     pub fetch_queue_kbytes: usize,
     /// Kafka's `session.timeout.ms`: how soon a dead process's partitions
     /// go to the others.
     pub session_timeout: Duration,
+    /// Extra librdkafka consumer properties, applied last.
+    pub consumer_properties: Vec<(String, String)>,
     /// Delete processed rows older than this; `None`: keep them.
     pub retention: Option<Duration>,
     /// The longest wait between attempts after a transient failure.
@@ -104,8 +109,10 @@ impl Default for InboxSettings {
             topics: Subscription::Topics(Vec::new()),
             batch_max_facts: 1_000,
             batch_max: Duration::from_millis(50),
+            writers: 2,
             fetch_queue_kbytes: 16 * 1024,
             session_timeout: Duration::from_secs(10),
+            consumer_properties: Vec::new(),
             retention: None,
             max_backoff: Duration::from_secs(30),
             progress_interval: Some(Duration::from_secs(10)),
@@ -273,10 +280,17 @@ impl Inbox {
             return Ok(());
         }
         let s = &self.settings;
-        let client = connect(&s.database_url).await?;
-        schema::check(&client).await?;
-        let writer = Writer::new(client, s.group.clone()).await?;
-        let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+        let mut writers = Vec::with_capacity(s.writers);
+        let mut channels = Vec::with_capacity(s.writers);
+        for _ in 0..s.writers.max(1) {
+            let client = connect(&s.database_url).await?;
+            if writers.is_empty() {
+                schema::check(&client).await?;
+            }
+            let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+            writers.push(Writer::new(client, s.group.clone()).await?.run(rx));
+            channels.push(tx);
+        }
         let halt = Arc::new(AtomicBool::new(false));
         let settings = ConsumerSettings {
             brokers: s.brokers.clone(),
@@ -287,13 +301,15 @@ impl Inbox {
             batch_max: s.batch_max,
             fetch_queue_kbytes: s.fetch_queue_kbytes,
             session_timeout: s.session_timeout,
+            extra: s.consumer_properties.clone(),
             statistics: s.metrics.is_some(),
         };
-        let thread = consumer::spawn(&settings, tx, Arc::clone(&halt))?;
+        let thread = consumer::spawn(&settings, Writers::new(channels), Arc::clone(&halt))?;
         *started = Some(Instant::now());
         telemetry::set_working(true);
-        tracing::info!(group = %s.group, topics = ?s.topics, "inbox: consuming into factlib.inbox");
-        let written = writer.run(rx);
+        tracing::info!(group = %s.group, topics = ?s.topics, writers = s.writers, "inbox: consuming into factlib.inbox");
+        // The first writer's error ends them all (and so the consumer).
+        let written = futures_util::future::try_join_all(writers);
         tokio::pin!(written);
         let mut waiting = true;
         let result = loop {

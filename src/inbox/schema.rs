@@ -15,7 +15,7 @@ use crate::schema::Script;
 const SQL: &str = include_str!("schema.sql");
 
 /// The version of the schema in [`SQL`].
-pub(crate) const VERSION: i32 = 1;
+pub(crate) const VERSION: i32 = 2;
 
 /// The schema as `factlib inbox setup` installs it.
 pub(crate) const SCRIPT: Script = Script {

@@ -1,4 +1,4 @@
--- Factlib inbox schema, version 1: the consuming service's side of exactly-once.
+-- Factlib inbox schema, version 2: the consuming service's side of exactly-once.
 --
 -- `factlib inbox setup` installs this file in one transaction when factlib.inbox_version() is
 -- missing or older than the version below, and leaves it alone when it is the same or newer.
@@ -23,7 +23,7 @@ CREATE SCHEMA IF NOT EXISTS factlib;
 -- The installed inbox schema version; `factlib inbox setup` compares it with its own.
 CREATE OR REPLACE FUNCTION factlib.inbox_version() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN 1;
+RETURN 2;
 
 CREATE TABLE IF NOT EXISTS factlib.inbox (
     id             uuid        PRIMARY KEY,
@@ -119,3 +119,37 @@ END
 $$;
 COMMENT ON FUNCTION factlib.inbox_claim(text, uuid) IS
     'True once per (consumer, fact_id), in the caller''s transaction; false on every later call';
+
+-- `factlib inbox`'s offsets, in the transaction of a batch: each partition's next offset moves
+-- from `expected_offsets` (what this process read or wrote last; NULL: it found no row) to `next_offsets`. If
+-- another process moved it meanwhile (it took the partition in a rebalance this one had not
+-- seen), nothing is changed and the transaction fails with SQLSTATE 40001, so the batch rolls
+-- back and the inbox reads the offsets again. (Added in v2.)
+CREATE OR REPLACE FUNCTION factlib.inbox_advance(consumer_group text, topics text[],
+                                                 partitions integer[], expected_offsets bigint[],
+                                                 next_offsets bigint[]) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $$
+DECLARE
+  i integer;
+  moved integer;
+BEGIN
+  FOR i IN 1 .. coalesce(array_length(topics, 1), 0) LOOP
+    IF expected_offsets[i] IS NULL THEN
+      INSERT INTO factlib.inbox_offsets AS o (consumer_group, topic, "partition", next_offset)
+        VALUES ($1, topics[i], partitions[i], next_offsets[i])
+        ON CONFLICT DO NOTHING;
+    ELSE
+      UPDATE factlib.inbox_offsets AS o SET next_offset = next_offsets[i], updated_at = now()
+        WHERE o.consumer_group = $1 AND o.topic = topics[i] AND o."partition" = partitions[i]
+          AND o.next_offset = expected_offsets[i];
+    END IF;
+    GET DIAGNOSTICS moved = ROW_COUNT;
+    IF moved <> 1 THEN
+      RAISE EXCEPTION USING ERRCODE = '40001',
+        MESSAGE = format('factlib inbox: the stored offset of %s/%s moved under this process (it expected %s): another process took the partition',
+                         topics[i], partitions[i], coalesce(expected_offsets[i]::text, 'no row'));
+    END IF;
+  END LOOP;
+END
+$$;
