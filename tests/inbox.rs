@@ -10,17 +10,7 @@ use std::time::Duration;
 
 use common::*;
 
-/// `factlib relay --delivery exactly-once` with topics created (3
-/// partitions) and fast commits.
-fn eo_relay(slot: &str, publication: &str, prefix: &str) -> tokio::process::Command {
-    let mut c = relay(slot, publication, prefix);
-    c.args(["--delivery", "exactly-once", "--txn-max-ms", "50"]);
-    c
-}
-
-/// `factlib bench emit` into `prefix` for `secs` seconds at `rate` facts/s,
-/// transactions of 1–20 facts (every 7th rolled back), recording the
-/// committed ones in `manifest`.
+/// A load of `secs` s at `rate` facts/s on 2 sessions over 50 keys.
 fn load(
     slot: &str,
     publication: &str,
@@ -29,45 +19,13 @@ fn load(
     rate: u64,
     manifest: &Path,
 ) -> tokio::process::Command {
-    let mut c = factlib(slot, publication, prefix);
-    c.args(["bench", "emit", "--rate", &rate.to_string()])
-        .args(["--duration-secs", &secs.to_string()])
-        .args([
-            "--txn-size",
-            "1",
-            "--txn-size-max",
-            "20",
-            "--rollback-every",
-            "7",
-        ])
-        .args([
-            "--connections",
-            "2",
-            "--aggregates",
-            "50",
-            "--payload-bytes",
-            "100",
-        ])
-        .args(["--delivery", "exactly-once", "--manifest"])
-        .arg(manifest);
-    c
+    bench_load((slot, publication, prefix), secs, rate, (2, 50), manifest)
 }
 
 /// `bench verify --inbox-database-url`: every committed fact of `manifest`
 /// in the inbox once, as written, nothing else; returns its report.
 async fn verify_inbox(url: &str, manifest: &Path) -> String {
-    let mut v = factlib("factlib", "factlib", "factlib");
-    v.args([
-        "bench",
-        "verify",
-        "--timeout-secs",
-        "120",
-        "--inbox-database-url",
-        url,
-    ])
-    .arg("--manifest")
-    .arg(manifest);
-    let r = run(v, Duration::from_secs(180)).await;
+    let r = verify_inbox_run(url, manifest, Duration::from_secs(180)).await;
     assert!(
         r.stdout
             .contains("VERIFIED: every committed fact is in factlib.inbox exactly once")
@@ -155,7 +113,7 @@ async fn every_committed_fact_lands_in_the_inbox_once() {
     setup(&slot, &publication).await;
     let url = inbox_db("ibe2e").await;
     let manifest = manifest_path(&slot);
-    let relay = spawn(eo_relay(&slot, &publication, &prefix));
+    let relay = spawn(relay_exactly_once(&slot, &publication, &prefix));
     let inbox = spawn(inbox(&url, &topics(&prefix), &slot));
     wait_ok(
         spawn(load(&slot, &publication, &prefix, 10, 800, &manifest)),
@@ -350,7 +308,7 @@ async fn two_inboxes_in_one_group_through_rebalances_lose_and_duplicate_nothing(
     setup(&slot, &publication).await;
     let url = inbox_db("ibgrp").await;
     let manifest = manifest_path(&slot);
-    let relay = spawn(eo_relay(&slot, &publication, &prefix));
+    let relay = spawn(relay_exactly_once(&slot, &publication, &prefix));
     let group = slot.clone();
     let a = spawn(inbox(&url, &topics(&prefix), &group));
     let b = spawn(inbox(&url, &topics(&prefix), &group));
@@ -552,7 +510,7 @@ async fn a_frozen_inbox_resumed_after_losing_its_partitions_moves_no_offset_back
     setup(&slot, &publication).await;
     let url = inbox_db("ibzom").await;
     let manifest = manifest_path(&slot);
-    let relay = spawn(eo_relay(&slot, &publication, &prefix));
+    let relay = spawn(relay_exactly_once(&slot, &publication, &prefix));
     let group = slot.clone();
     let quick = |url: &str| {
         let mut c = inbox(url, &topics(&prefix), &group);

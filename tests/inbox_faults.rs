@@ -15,12 +15,6 @@ use common::*;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn eo_relay(slot: &str, publication: &str, prefix: &str) -> tokio::process::Command {
-    let mut c = relay(slot, publication, prefix);
-    c.args(["--delivery", "exactly-once", "--txn-max-ms", "50"]);
-    c
-}
-
 /// A fast, shorter-lived group member: its partitions move on 6 s after a
 /// kill -9.
 fn quick_inbox(url: &str, topic: &str, group: &str) -> tokio::process::Command {
@@ -81,19 +75,13 @@ async fn kill_9_both_the_relay_and_the_inbox_fifteen_times_each() {
     setup(&slot, &publication).await;
     let url = inbox_db("ik9").await;
     let manifest = std::env::temp_dir().join(format!("{slot}.manifest"));
-    let mut load = factlib(&slot, &publication, &prefix);
-    load.args(["bench", "emit", "--rate", "1000", "--duration-secs", "65"])
-        .args([
-            "--txn-size",
-            "1",
-            "--txn-size-max",
-            "20",
-            "--rollback-every",
-            "7",
-        ])
-        .args(["--connections", "4", "--aggregates", "200"])
-        .args(["--delivery", "exactly-once", "--manifest"])
-        .arg(&manifest);
+    let load = bench_load(
+        (&slot, &publication, &prefix),
+        65,
+        1000,
+        (4, 200),
+        &manifest,
+    );
     let started = Instant::now();
     let load = spawn(load);
     let topics = format!("{prefix}.order,{prefix}.invoice");
@@ -101,7 +89,7 @@ async fn kill_9_both_the_relay_and_the_inbox_fifteen_times_each() {
     println!("kill points seed {s}");
     let relays = kill_loop(
         "relay",
-        || eo_relay(&slot, &publication, &prefix),
+        || relay_exactly_once(&slot, &publication, &prefix),
         Points(s),
     );
     let inboxes = kill_loop(
@@ -125,18 +113,7 @@ async fn kill_9_both_the_relay_and_the_inbox_fifteen_times_each() {
         started.elapsed().as_secs_f64()
     );
 
-    let mut v = factlib("factlib", "factlib", "factlib");
-    v.args([
-        "bench",
-        "verify",
-        "--timeout-secs",
-        "240",
-        "--inbox-database-url",
-        &url,
-    ])
-    .arg("--manifest")
-    .arg(&manifest);
-    let r = run(v, Duration::from_secs(300)).await;
+    let r = verify_inbox_run(&url, &manifest, Duration::from_secs(300)).await;
     println!("{}", r.stdout.trim());
     if r.code != 0 {
         let log = String::from_utf8_lossy(&stop_ok(inbox).await.stderr).into_owned();
@@ -228,7 +205,7 @@ async fn a_database_restart_and_a_kafka_outage_mid_run_lose_and_duplicate_nothin
     let topic = format!("{prefix}.order");
     setup(&slot, &publication).await;
     let url = inbox_db("irst").await;
-    let relay = spawn(eo_relay(&slot, &publication, &prefix));
+    let relay = spawn(relay_exactly_once(&slot, &publication, &prefix));
     let inbox = spawn(inbox(&url, &topic, &slot));
     let pid = inbox.id().expect("the inbox runs");
     let peak = Arc::new(AtomicU64::new(0));

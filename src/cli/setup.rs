@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use super::{connect_sql, CliError};
 use crate::config::{CommonArgs, SetupArgs, SqlApiArg};
 use crate::emit::sql_api;
-use crate::schema::{Installed, SchemaError};
+use crate::schema::{Installed, SchemaError, Script};
 
 fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CliError {
     let context = context.into();
@@ -172,29 +172,49 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
         }
     }
 
-    let v = sql_api::VERSION;
-    let functions = sql_api::FUNCTIONS;
     match args.sql_api {
         SqlApiArg::None => println!("sql api: skipped (--sql-api none)"),
-        SqlApiArg::V1 => match sql_api::SCRIPT.install(&mut client).await {
-            Ok(Installed::Created) => println!("sql api: installed v{v} ({functions})"),
-            Ok(Installed::Upgraded { from }) => {
-                println!("sql api: upgraded v{from} to v{v} ({functions})")
-            }
-            Ok(Installed::Unchanged) => println!("sql api: v{v} exists, unchanged"),
-            Ok(Installed::Newer { installed }) => println!(
-                "sql api: v{installed} exists, newer than this factlib's v{v}; left unchanged"
-            ),
-            Err(SchemaError::Postgres { context, source }) => {
-                return Err(CliError::Postgres {
-                    context: format!("{context} (or skip it with --sql-api none)"),
-                    source,
-                })
-            }
-            Err(e @ SchemaError::Inconsistent { .. }) => {
-                return Err(CliError::Precondition(e.to_string()))
-            }
-        },
+        SqlApiArg::V1 => {
+            let installed = sql_api::SCRIPT.install(&mut client).await;
+            report_install(
+                "sql api",
+                &sql_api::SCRIPT,
+                sql_api::FUNCTIONS,
+                installed,
+                "or skip it with --sql-api none",
+            )?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints what installing `script` did (`label: installed v2 (what)`, …),
+/// or turns its error into the command's, with `hint` on a failed
+/// statement.
+pub(super) fn report_install(
+    label: &str,
+    script: &Script,
+    what: &str,
+    installed: Result<Installed, SchemaError>,
+    hint: &str,
+) -> Result<(), CliError> {
+    let v = script.version;
+    match installed {
+        Ok(Installed::Created) => println!("{label}: installed v{v} ({what})"),
+        Ok(Installed::Upgraded { from }) => println!("{label}: upgraded v{from} to v{v} ({what})"),
+        Ok(Installed::Unchanged) => println!("{label}: v{v} exists, unchanged"),
+        Ok(Installed::Newer { installed }) => {
+            println!("{label}: v{installed} exists, newer than this factlib's v{v}; left unchanged")
+        }
+        Err(SchemaError::Postgres { context, source }) => {
+            return Err(CliError::Postgres {
+                context: format!("{context} ({hint})"),
+                source,
+            })
+        }
+        Err(e @ SchemaError::Inconsistent { .. }) => {
+            return Err(CliError::Precondition(e.to_string()))
+        }
+    }
+    Ok(())
 }

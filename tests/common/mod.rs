@@ -751,3 +751,51 @@ pub async fn start_env() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// [`relay`] with `--delivery exactly-once` and fast commits
+/// (`--txn-max-ms 50`).
+pub fn relay_exactly_once(slot: &str, publication: &str, prefix: &str) -> Command {
+    let mut c = relay(slot, publication, prefix);
+    c.args(["--delivery", "exactly-once", "--txn-max-ms", "50"]);
+    c
+}
+
+/// `factlib bench emit` into `prefix` for `secs` seconds at `rate` facts/s
+/// on `connections` sessions: transactions of 1–20 facts (every 7th rolled
+/// back) over `aggregates` keys, the committed ones recorded in `manifest`
+/// for an exactly-once relay.
+pub fn bench_load(
+    (slot, publication, prefix): (&str, &str, &str),
+    secs: u64,
+    rate: u64,
+    (connections, aggregates): (u32, u32),
+    manifest: &std::path::Path,
+) -> Command {
+    let mut c = factlib(slot, publication, prefix);
+    c.args(["bench", "emit", "--rate", &rate.to_string()])
+        .args(["--duration-secs", &secs.to_string()])
+        .args([
+            "--txn-size",
+            "1",
+            "--txn-size-max",
+            "20",
+            "--rollback-every",
+            "7",
+        ])
+        .args(["--connections", &connections.to_string()])
+        .args(["--aggregates", &aggregates.to_string()])
+        .args(["--delivery", "exactly-once", "--manifest"])
+        .arg(manifest);
+    c
+}
+
+/// `factlib bench verify --inbox-database-url url --manifest manifest`,
+/// allowed `limit`.
+pub async fn verify_inbox_run(url: &str, manifest: &std::path::Path, limit: Duration) -> Run {
+    let mut v = factlib("factlib", "factlib", "factlib");
+    v.args(["bench", "verify", "--inbox-database-url", url])
+        .args(["--timeout-secs", &(limit.as_secs() * 4 / 5).to_string()])
+        .arg("--manifest")
+        .arg(manifest);
+    run(v, limit).await
+}
