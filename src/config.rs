@@ -22,10 +22,9 @@ use crate::outbox::{ColumnNames, ExtraColumns, OutboxSettings};
 use crate::relay::{DeliveryMode, ExactlyOnce, RelaySettings};
 use crate::route::{RingSettings, RouteError, TopicTemplate};
 use crate::sink::record::{HeaderSet, RecordShape, ValueMode};
-use crate::sink::topics::CreateTopics;
 use crate::sink::{
-    Compression, KafkaSecurity, SaslCredentials, SaslMechanism, Secret, SecurityProtocol,
-    SinkSettings,
+    Compression, CreateTopics, KafkaSecurity, SaslCredentials, SaslMechanism, Secret,
+    SecurityProtocol, SinkSettings,
 };
 use crate::source::{sql_config, ConnectionConfig, SourceSettings, Transport, UrlError};
 use crate::telemetry::{self, MetricsSettings};

@@ -36,7 +36,8 @@ use tokio::sync::{watch, Notify};
 
 use super::{Refused, RelayError};
 use crate::progress::{Stream, Token};
-use crate::sink::txn::{refused_for_good, Command};
+use crate::sink::producer::refused_for_good;
+use crate::sink::txn::Command;
 use crate::sink::{refusal_advice, Delivery};
 use crate::telemetry;
 

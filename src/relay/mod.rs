@@ -53,9 +53,9 @@ use crate::backoff::{self, Backoff};
 use crate::lsn::Lsn;
 use crate::progress::{ProgressError, Stream, StreamError};
 use crate::route::{checkpoint_topic, RingSettings, Rings, RouteError, Router, TopicTemplate};
-use crate::sink::topics::{CreateTopics, Topics};
+use crate::sink::topics::Topics;
 use crate::sink::txn::{transactional_ids, TxnSettings, TxnWiring};
-use crate::sink::{KafkaProducer, RecordShape, SinkError, SinkSettings};
+use crate::sink::{CreateTopics, KafkaProducer, RecordShape, SinkError, SinkSettings};
 use crate::source::{ConnectionConfig, SourceError, SourceSettings};
 use crate::telemetry;
 

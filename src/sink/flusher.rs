@@ -27,18 +27,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use crossbeam::channel::Sender;
 
-use super::kafka::{Delivery, SendOutcome};
+use super::producer::{Delivery, Producer, SendOutcome, GIVE_UP_AFTER_CLOSE};
 use super::record::Record;
-use super::Producer;
 use crate::route::Rings;
 use crate::telemetry::Beat;
 
 /// Records taken from a ring at a time.
 const BATCH: usize = 512;
-
-/// After the rings close, how long a record may wait for room in the
-/// producer's queue before the flusher gives it up.
-pub const GIVE_UP_AFTER_CLOSE: Duration = Duration::from_secs(5);
 
 /// Starts flusher `k` as an OS thread.
 pub fn spawn<P: Producer>(

@@ -35,10 +35,11 @@ use rdkafka::producer::{
 };
 use rdkafka::types::RDKafkaRespErr;
 
+use super::producer::{
+    CreateTopics, Delivery, Producer, SendOutcome, Transactional, TxnError, TxnErrorKind,
+};
 use super::record::Record;
 use super::security::KafkaSecurity;
-use super::topics::CreateTopics;
-use super::txn::{Transactional, TxnError, TxnErrorKind};
 use super::SinkError;
 
 /// Kafka batch compression.
@@ -112,47 +113,6 @@ impl Default for SinkSettings {
             statistics_interval: None,
         }
     }
-}
-
-/// A delivery report.
-#[derive(Debug)]
-pub enum Delivery {
-    /// Kafka acknowledged the record.
-    Acked {
-        /// Its opaque token.
-        opaque: usize,
-        /// Key + value bytes.
-        bytes: u64,
-    },
-    /// The sink cannot go on (a Kafka transaction failed); the error says
-    /// whether it is transient.
-    Broken(SinkError),
-    /// Exactly-once: a Kafka transaction committed. Its last fact record
-    /// carried `opaque` and ended the unit at `through` (the checkpoint
-    /// written with it).
-    Committed {
-        /// The opaque of the transaction's last fact record.
-        opaque: usize,
-        /// Fact records in the transaction.
-        records: usize,
-        /// Their key + value + header bytes.
-        bytes: u64,
-        /// The checkpoint: the end of the transaction's last unit.
-        through: crate::lsn::Lsn,
-    },
-    /// Exactly-once: the answer to [`super::txn::Command::Reset`].
-    Reset,
-    /// The record failed for good.
-    Failed {
-        /// Its opaque token.
-        opaque: usize,
-        /// Where it was going.
-        topic: String,
-        /// Its key + value bytes.
-        bytes: usize,
-        /// Why.
-        error: KafkaError,
-    },
 }
 
 /// Turns delivery reports into [`Delivery`] messages and wakes the relay.
@@ -336,14 +296,6 @@ impl TopicState {
             _ => TopicState::NotReady,
         }
     }
-}
-
-/// What `send` did with a record.
-pub enum SendOutcome {
-    /// Queued in librdkafka; a delivery report will follow.
-    Queued,
-    /// The producer queue is full: try again shortly with the same record.
-    Full(Record),
 }
 
 impl KafkaProducer {
@@ -554,7 +506,7 @@ impl KafkaProducer {
     }
 }
 
-impl super::Producer for KafkaProducer {
+impl Producer for KafkaProducer {
     fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)> {
         KafkaProducer::send(self, rec)
     }

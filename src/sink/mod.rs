@@ -10,6 +10,11 @@
 //! The sink does not track LSNs: every record carries an opaque ack token,
 //! and the relay maps reports back to positions.
 //!
+//! The modules, bottom-up (each imports only those before it, and this
+//! one's [`SinkError`]): `record` and `security`; `producer`, the pieces
+//! they all share; `kafka`, rdkafka behind them; `topics` and `checkpoint`
+//! on `kafka`; `flusher` and `txn`, the two ways to drive a producer.
+//!
 //! **Invariants**
 //! - A record is either queued in librdkafka or still held by its flusher;
 //!   a full queue makes the flusher wait, which fills the rings, which stops
@@ -22,25 +27,18 @@
 pub mod checkpoint;
 pub mod flusher;
 pub mod kafka;
+pub mod producer;
 pub mod record;
 pub mod security;
 pub mod topics;
 pub mod txn;
 
-pub use kafka::{Compression, Delivery, KafkaProducer, SendOutcome, SinkSettings, TopicState};
+pub use kafka::{Compression, KafkaProducer, SinkSettings, TopicState};
+pub use producer::{CreateTopics, Delivery, Producer, SendOutcome};
 pub use record::{HeaderSet, Record, RecordShape, ValueMode};
 pub use security::{KafkaSecurity, SaslCredentials, SaslMechanism, Secret, SecurityProtocol};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-
-/// What the at-least-once flushers drive: one `send` per record, in ring
-/// order. Delivery reports alone carry progress. (Exactly-once has its own
-/// flusher: [`txn`].)
-pub trait Producer: Clone + Send + 'static {
-    /// Hands one record over without blocking; a full queue returns it.
-    #[allow(clippy::result_large_err)]
-    fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)>;
-}
 
 /// Why the Kafka side failed.
 #[derive(Debug, thiserror::Error)]

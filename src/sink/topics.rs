@@ -21,22 +21,12 @@
 use std::time::Duration;
 
 use super::kafka::TopicState;
+use super::producer::CreateTopics;
 use super::{KafkaProducer, SinkError};
 
 /// How long a topic may take to have a leader for every partition after
 /// it was found or created; past that, [`SinkError::NotReady`] (transient).
 const READY_WITHIN: Duration = Duration::from_secs(5);
-
-/// Settings of topics created by the relay (`--create-topics`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CreateTopics {
-    /// Partitions of a new topic.
-    pub partitions: i32,
-    /// Replication factor of a new topic.
-    pub replication: i32,
-    /// The new topic's `max.message.bytes`.
-    pub max_message_bytes: u64,
-}
 
 /// Looks topics up, creating them when allowed.
 pub struct Topics {

@@ -56,8 +56,10 @@ use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use super::checkpoint;
-use super::flusher::GIVE_UP_AFTER_CLOSE;
-use super::kafka::{Delivery, SendOutcome};
+use super::producer::{
+    refused_for_good, Delivery, SendOutcome, Transactional, TxnError, TxnErrorKind,
+    GIVE_UP_AFTER_CLOSE,
+};
 use super::record::Record;
 use super::SinkError;
 use crate::lsn::Lsn;
@@ -97,42 +99,6 @@ pub enum Command {
     /// ends on a unit boundary, abort it otherwise), wait for the last
     /// commit, clear a failure, and answer [`Delivery::Reset`].
     Reset,
-}
-
-/// How a transactional call failed, as librdkafka classifies it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TxnErrorKind {
-    /// Try the same call again.
-    Retriable,
-    /// The transaction must be aborted; the producer stays usable.
-    Abortable,
-    /// The producer is unusable: fenced, or a fatal error.
-    Fatal,
-}
-
-/// A failed transactional call.
-#[derive(Debug)]
-pub struct TxnError {
-    /// What the caller must do.
-    pub kind: TxnErrorKind,
-    /// The error.
-    pub error: KafkaError,
-}
-
-/// A transactional producer, as the flusher drives it.
-pub trait Transactional: Send + 'static {
-    /// `begin_transaction`.
-    fn begin(&mut self) -> Result<(), TxnError>;
-    /// Hands one record over without blocking; a full queue returns it.
-    #[allow(clippy::result_large_err)]
-    fn send(&mut self, rec: Record) -> Result<SendOutcome, (KafkaError, Record)>;
-    /// Waits up to `timeout` for Kafka to acknowledge every record handed
-    /// over; true once none is left.
-    fn settle(&mut self, timeout: Duration) -> bool;
-    /// `commit_transaction`.
-    fn commit(&mut self, timeout: Duration) -> Result<(), TxnError>;
-    /// `abort_transaction`.
-    fn abort(&mut self, timeout: Duration) -> Result<(), TxnError>;
 }
 
 /// Everything the transaction flusher is connected to.
@@ -696,20 +662,6 @@ fn abort_until_given_up<P: Transactional>(
             other => return other,
         }
     }
-}
-
-/// Errors that refuse a record for good: sending it again fails again.
-pub fn refused_for_good(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::MessageBatchTooLarge
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::InvalidTopic
-        )
-    )
 }
 
 #[cfg(test)]
