@@ -982,12 +982,14 @@ impl From<HeadersArg> for HeaderSet {
 /// Replication-connection tunables (shared by `tail` and `relay`).
 #[derive(Debug, Clone, Args)]
 pub struct SourceArgs {
-    /// Socket transport for the replication stream: `auto` uses io_uring
-    /// when the kernel allows it, else plain tokio. A connection that runs
-    /// over TLS (any sslmode but `disable`, when the server accepts TLS)
-    /// always uses tokio: io_uring carries plain TCP only. When
-    /// `sslmode=prefer` ends up plain, io_uring is kept.
-    #[arg(long, env = "FACTLIB_TRANSPORT", value_enum, default_value_t = TransportArg::Auto)]
+    /// Socket transport for the replication stream: `tokio` (epoll, the
+    /// default), `uring` (io_uring through tokio-uring; fails where the
+    /// kernel refuses it), or `auto` (io_uring when the kernel allows it,
+    /// else tokio). io_uring did not pay here: the same drain time, 8-9%
+    /// more CPU (perf/README.md). A connection that runs over TLS (any
+    /// sslmode but `disable`, when the server accepts TLS) always uses
+    /// tokio: io_uring carries plain TCP only.
+    #[arg(long, env = "FACTLIB_TRANSPORT", value_enum, default_value_t = TransportArg::Tokio)]
     pub transport: TransportArg,
 
     /// How often to send a standby status update to the server, in

@@ -132,7 +132,16 @@ async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, C
                 context: "SET synchronous_commit".into(),
                 source,
             })?;
-        clients.push(c);
+        // Prepared once per session, not per transaction: the load
+        // generator shares the machine with what it measures.
+        let emit = c
+            .prepare("SELECT pg_logical_emit_message(true, $1::text, $2::bytea)")
+            .await
+            .map_err(|source| CliError::Postgres {
+                context: "preparing the emit".into(),
+                source,
+            })?;
+        clients.push((c, emit));
     }
     let start = Instant::now();
     let deadline = start + Duration::from_secs(a.duration_secs);
@@ -145,7 +154,7 @@ async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, C
     // Transactions run `connections` at a time, each on its own session.
     while Instant::now() < deadline {
         let mut batch = Vec::new();
-        for c in clients.iter_mut() {
+        for (c, emit) in clients.iter_mut() {
             let rollback = a.rollback_every > 0 && (txns + 1) % a.rollback_every == 0;
             txns += 1;
             // A fixed pseudo-random walk over [txn_size, txn_size_max].
@@ -166,7 +175,7 @@ async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, C
                     trace_info: None,
                 });
             }
-            batch.push(one_txn(c, &common.prefix, facts, rollback));
+            batch.push(one_txn(c, emit, &common.prefix, facts, rollback));
             next_txn += per_txn;
         }
         for r in futures_util::future::join_all(batch).await {
@@ -228,6 +237,7 @@ type Written = Vec<(fact::Fact, Vec<u8>)>;
 
 async fn one_txn(
     client: &mut tokio_postgres::Client,
+    emit: &tokio_postgres::Statement,
     prefix: &str,
     facts: Vec<NewFact>,
     rollback: bool,
@@ -246,10 +256,6 @@ async fn one_txn(
         written.push((built, envelope));
     }
     // All emits of the transaction go out pipelined: one round trip.
-    let stmt = tx
-        .prepare("SELECT pg_logical_emit_message(true, $1::text, $2::bytea)")
-        .await
-        .map_err(pg("preparing the emit"))?;
     let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 2]> = written
         .iter()
         .map(|(_, envelope)| {
@@ -259,7 +265,7 @@ async fn one_txn(
             ]
         })
         .collect();
-    let sends = params.iter().map(|p| tx.execute(&stmt, p));
+    let sends = params.iter().map(|p| tx.execute(emit, p));
     for r in futures_util::future::join_all(sends).await {
         r.map_err(pg("emitting a fact"))?;
     }

@@ -150,15 +150,17 @@ impl SourceError {
     }
 }
 
-/// Which socket implementation reads the replication stream.
+/// Which socket implementation reads the replication stream. The default
+/// is tokio: in paired drains io_uring took the same wall time and 8–9%
+/// more CPU (perf/README.md, issue 20).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Transport {
     /// io_uring if the kernel allows it, else tokio.
-    #[default]
     Auto,
     /// io_uring through tokio-uring; fails if unavailable.
     Uring,
     /// Plain tokio (epoll).
+    #[default]
     Tokio,
 }
 
@@ -199,7 +201,7 @@ pub struct SourceSettings {
 impl Default for SourceSettings {
     fn default() -> Self {
         SourceSettings {
-            transport: Transport::Auto,
+            transport: Transport::default(),
             status_interval: Duration::from_secs(10),
             read_buffer: 1 << 20,
             read_queue: 4,
