@@ -150,16 +150,19 @@ impl Script {
             .get(0))
     }
 
-    /// The version the SQL's `CREATE OR REPLACE FUNCTION <version_fn> …
-    /// RETURN n;` declares, for tests.
+    /// The version the SQL's `CREATE OR REPLACE FUNCTION <version_fn> …`
+    /// declares, as `RETURN n;` or as a quoted body `$$ SELECT n $$;`, for
+    /// tests.
     #[cfg(test)]
     pub(crate) fn declared_version(&self) -> Option<i32> {
         let at = self
             .sql
             .find(&format!("CREATE OR REPLACE FUNCTION {}", self.version_fn))?;
         let body = &self.sql[at..];
-        let ret = body.find("RETURN ")?;
-        let end = body[ret..].find(';')? + ret;
-        body[ret + "RETURN ".len()..end].trim().parse().ok()
+        let body = &body[..body.find(';')?];
+        let (_, n) = body
+            .split_once("RETURN ")
+            .or_else(|| body.split_once("$$ SELECT "))?;
+        n.trim().trim_end_matches("$$").trim().parse().ok()
     }
 }

@@ -227,16 +227,7 @@ async fn setup_is_idempotent_and_status_reports_the_slot() {
         "{}",
         second.stdout
     );
-    let slots: i64 = sql()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(slots, 1);
+    assert_eq!(slots_named(&slot).await, 1);
 
     let mut c = factlib(&slot, &publication, "factlib");
     c.arg("status");
@@ -326,4 +317,126 @@ async fn emit_command_writes_a_fact_and_checks_its_fields() {
     assert_eq!(v["metadata"]["tenant"], "acme");
     assert_eq!(v["metadata"]["region"], "eu");
     teardown(&slot, &publication).await;
+}
+
+/// `factlib setup` does what the README's "PostgreSQL versions" says for
+/// the server it runs against (the version matrix, tests/matrix, runs this
+/// against 12, 13, 14, 16 and 17, and `make test` against 15): before 13 it
+/// refuses and creates nothing; on 13, whose pgoutput streams no logical
+/// messages, it refuses a publication without tables and installs no SQL
+/// emitter API, and with an outbox table it sets up; from 14 on it sets up
+/// a messages-only publication and the SQL API. On 13 `factlib emit`
+/// refuses too: its fact could never be relayed.
+#[tokio::test(flavor = "current_thread")]
+async fn setup_does_what_the_servers_version_allows() {
+    let c = sql().await;
+    let num: String = c
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let major = num.parse::<u32>().unwrap() / 10_000;
+    let (slot, publication) = (unique("setup_v"), unique("pub_v"));
+    let mut cmd = factlib(&slot, &publication, "factlib");
+    cmd.arg("setup");
+    let plain = run(cmd, Duration::from_secs(30)).await;
+    match major {
+        ..=12 => {
+            assert_ne!(plain.code, 0, "{}", plain.stdout);
+            assert!(
+                plain.stderr.contains("is not supported")
+                    && plain.stderr.contains("PostgreSQL 13 or newer"),
+                "{}",
+                plain.stderr
+            );
+            assert_eq!(slots_named(&slot).await, 0, "nothing is created");
+        }
+        13 => {
+            assert_ne!(plain.code, 0, "{}", plain.stdout);
+            assert!(
+                plain
+                    .stderr
+                    .contains("only outbox-table rows reach the relay")
+                    && plain.stderr.contains("--outbox-table"),
+                "{}",
+                plain.stderr
+            );
+            assert_eq!(slots_named(&slot).await, 0, "nothing is created");
+            let mut cmd = factlib(&slot, &publication, "factlib");
+            cmd.args([
+                "emit",
+                "--aggregate-type",
+                "order",
+                "--aggregate-id",
+                "o-1",
+                "--event-type",
+                "order.placed",
+                "--payload",
+                "{}",
+            ]);
+            let emit = run(cmd, Duration::from_secs(30)).await;
+            assert_ne!(emit.code, 0, "{}", emit.stdout);
+            assert!(
+                emit.stderr.contains("would never reach a relay")
+                    && emit.stderr.contains("nothing was emitted"),
+                "{}",
+                emit.stderr
+            );
+            let table = format!("public.{}", unique("outbox_v"));
+            c.batch_execute(&format!(
+                "CREATE TABLE {table} (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload jsonb)"
+            ))
+            .await
+            .unwrap();
+            let mut cmd = factlib(&slot, &publication, "factlib");
+            cmd.args(["setup", "--outbox-table", &table]);
+            let with_table = run(cmd, Duration::from_secs(30)).await;
+            assert_eq!(with_table.code, 0, "{}", with_table.stderr);
+            assert!(
+                with_table.stdout.contains("sql api: not installed"),
+                "{}",
+                with_table.stdout
+            );
+            assert_eq!(slots_named(&slot).await, 1);
+            teardown(&slot, &publication).await;
+            c.batch_execute(&format!("DROP TABLE {table}"))
+                .await
+                .unwrap();
+        }
+        _ => {
+            assert_eq!(plain.code, 0, "{}", plain.stderr);
+            assert!(
+                plain
+                    .stdout
+                    .contains(&format!("server: PostgreSQL {major}")),
+                "{}",
+                plain.stdout
+            );
+            let api = plain
+                .stdout
+                .lines()
+                .find(|l| l.starts_with("sql api: "))
+                .unwrap_or_default();
+            assert!(
+                api.starts_with("sql api: installed") || api.ends_with("exists, unchanged"),
+                "{}",
+                plain.stdout
+            );
+            assert_eq!(slots_named(&slot).await, 1);
+            teardown(&slot, &publication).await;
+        }
+    }
+}
+
+/// How many replication slots are named `slot`.
+async fn slots_named(slot: &str) -> i64 {
+    sql()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }

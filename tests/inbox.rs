@@ -393,10 +393,17 @@ async fn retention_deletes_only_old_processed_facts() {
     let mut cmd = inbox(&url, "t-none", "g");
     cmd.args(["--inbox-retention", "1d"]);
     let child = spawn(cmd);
+    let claims_left = || async {
+        c.query_one("SELECT count(*) FROM factlib.inbox_claims", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // Old claims go after the rows, in the same retention pass: wait for both.
     let mut left = 0;
     for _ in 0..100 {
         left = rows(&url).await;
-        if left == 200 {
+        if left == 200 && claims_left().await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -420,12 +427,7 @@ async fn retention_deletes_only_old_processed_facts() {
         (100, 100),
         "unprocessed and recent processed rows stay"
     );
-    let claims: i64 = c
-        .query_one("SELECT count(*) FROM factlib.inbox_claims", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(claims, 0, "old claims go too");
+    assert_eq!(claims_left().await, 0, "old claims go too");
     let out = stop_ok(child).await;
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{connect_sql, CliError};
+use super::{connect_sql, messages_reach_the_relay, CliError};
 use crate::config::{
     BenchCommand, BenchEmitArgs, BenchVerifyArgs, CommonArgs, DeliveryArg, IsolationArg,
 };
@@ -124,6 +124,9 @@ async fn emit_load(common: &CommonArgs, a: &BenchEmitArgs) -> Result<ExitCode, C
     let mut clients = Vec::new();
     for _ in 0..connections {
         let c = connect_sql(&common.database_url).await?;
+        if clients.is_empty() {
+            messages_reach_the_relay(&c).await?;
+        }
         // Like an application on default settings: a commit returns once its
         // WAL is flushed, which is also when the walsender may send it.
         c.batch_execute("SET synchronous_commit = on")

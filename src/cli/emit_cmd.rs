@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 
-use super::{connect_sql, CliError};
+use super::{connect_sql, messages_reach_the_relay, CliError};
 use crate::config::{CommonArgs, EmitArgs};
 use crate::emit::{emit, NewFact};
 
@@ -33,6 +33,7 @@ pub(super) async fn run(common: &CommonArgs, args: EmitArgs) -> Result<ExitCode,
         }
     };
     let mut client = connect_sql(&common.database_url).await?;
+    messages_reach_the_relay(&client).await?;
     let tx = client
         .transaction()
         .await

@@ -22,7 +22,7 @@ use crate::config::{check_name, Cli, Command, ConfigError};
 use futures_util::StreamExt as _;
 
 use crate::source::sql::{self, pg_message, SqlConnectError};
-use crate::source::{SourceError, TlsError};
+use crate::source::{SourceError, TlsError, MESSAGES_SINCE, MIN_SERVER_MAJOR};
 
 /// A failed command.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,49 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The server's major version and its `server_version`; refuses one older
+/// than [`MIN_SERVER_MAJOR`].
+pub(crate) async fn server_major(
+    client: &tokio_postgres::Client,
+) -> Result<(u32, String), CliError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num'), current_setting('server_version')",
+            &[],
+        )
+        .await
+        .map_err(|source| CliError::Postgres {
+            context: "reading the server's version".into(),
+            source,
+        })?;
+    let (num, version): (String, String) = (row.get(0), row.get(1));
+    let major = num.parse::<u32>().map_or(0, |n| n / 10_000);
+    if major < MIN_SERVER_MAJOR {
+        return Err(CliError::Precondition(format!(
+            "PostgreSQL {version} is not supported: Factlib needs PostgreSQL {MIN_SERVER_MAJOR} or newer \
+             (13 is the oldest release still supported by the PostgreSQL project with the pgoutput features the relay uses).\n  \
+             fix: upgrade the server (pg_upgrade), then run factlib setup again"
+        )));
+    }
+    Ok((major, version))
+}
+
+/// Refuses to emit a logical-message fact on a server whose pgoutput does
+/// not stream logical messages (13): no relay would ever see it.
+pub(crate) async fn messages_reach_the_relay(
+    client: &tokio_postgres::Client,
+) -> Result<(), CliError> {
+    let (major, version) = server_major(client).await?;
+    if major < MESSAGES_SINCE {
+        return Err(CliError::Precondition(format!(
+            "PostgreSQL {version}'s pgoutput streams no logical decoding messages (added in {MESSAGES_SINCE}), \
+             so a fact emitted here would never reach a relay; nothing was emitted.\n  \
+             fix: write the fact as a row of an outbox table (factlib setup --outbox-table), or upgrade to PostgreSQL {MESSAGES_SINCE} or newer"
+        )));
+    }
+    Ok(())
 }
 
 /// Connects an ordinary (non-replication) session for SQL, over TLS as

@@ -1,14 +1,22 @@
-//! `factlib setup`: check `wal_level`, create the publication and the slot,
-//! install the SQL emitter API (`emit::sql_api`).
+//! `factlib setup`: check the server's version and `wal_level`, create the
+//! publication and the slot, install the SQL emitter API (`emit::sql_api`).
 //!
 //! Idempotent: a second run changes nothing and says so.
+//!
+//! **Invariants**
+//! - Nothing is created on a server older than
+//!   [`MIN_SERVER_MAJOR`](crate::source::MIN_SERVER_MAJOR) ([`server_major`]).
+//! - On a server whose pgoutput streams no logical messages (13), setup
+//!   installs no SQL emitter API and leaves no publication without tables:
+//!   a fact emitted there would never reach the relay.
 
 use std::process::ExitCode;
 
-use super::{connect_sql, CliError};
+use super::{connect_sql, server_major, CliError};
 use crate::config::{CommonArgs, SetupArgs, SqlApiArg};
 use crate::emit::sql_api;
 use crate::schema::{Installed, SchemaError, Script};
+use crate::source::MESSAGES_SINCE;
 
 fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CliError {
     let context = context.into();
@@ -55,6 +63,16 @@ async fn warn_without_replica_identity(
 pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliError> {
     let mut client = connect_sql(&common.database_url).await?;
 
+    let (major, version) = server_major(&client).await?;
+    let messages = major >= MESSAGES_SINCE;
+    println!("server: PostgreSQL {version}");
+    if !messages {
+        println!(
+            "warning: PostgreSQL {major}'s pgoutput streams no logical decoding messages (added in {MESSAGES_SINCE}): \
+             facts emitted with pg_logical_emit_message reach no relay here; only outbox-table rows do"
+        );
+    }
+
     let wal_level: String = client
         .query_one("SHOW wal_level", &[])
         .await
@@ -77,6 +95,22 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
         .await
         .map_err(pg("looking up the publication"))?
         .is_some();
+    if !messages && args.tables.is_empty() {
+        let tables: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1",
+                &[publication],
+            )
+            .await
+            .map_err(pg("counting the publication's tables"))?
+            .get(0);
+        if tables == 0 {
+            return Err(CliError::Precondition(format!(
+                "publication \"{publication}\" would have no tables, and on PostgreSQL {major} only outbox-table rows reach the relay.\n  \
+                 fix: name an outbox table (factlib setup --outbox-table schema.table), or upgrade to PostgreSQL {MESSAGES_SINCE} or newer for message facts"
+            )));
+        }
+    }
     if !exists {
         let sql = if args.tables.is_empty() {
             format!("CREATE PUBLICATION \"{publication}\"")
@@ -174,6 +208,9 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
 
     match args.sql_api {
         SqlApiArg::None => println!("sql api: skipped (--sql-api none)"),
+        SqlApiArg::V1 if !messages => println!(
+            "sql api: not installed: on PostgreSQL {major} the facts it emits would not reach the relay"
+        ),
         SqlApiArg::V1 => {
             let installed = sql_api::SCRIPT.install(&mut client).await;
             report_install(

@@ -21,9 +21,11 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 CREATE SCHEMA IF NOT EXISTS factlib;
 
 -- The installed inbox schema version; `factlib inbox setup` compares it with its own.
+-- (A quoted body, not `RETURN 2`: SQL-standard bodies need PostgreSQL 14, and an inbox
+-- database may be a PostgreSQL 13.)
 CREATE OR REPLACE FUNCTION factlib.inbox_version() RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-RETURN 2;
+AS $$ SELECT 2 $$;
 
 CREATE TABLE IF NOT EXISTS factlib.inbox (
     id             uuid        PRIMARY KEY,

@@ -109,6 +109,23 @@ pub struct Ready {
     pub server_version: Option<String>,
 }
 
+impl Ready {
+    /// The server's major version, from `server_version`.
+    pub fn server_major(&self) -> Option<u32> {
+        self.server_version.as_deref().and_then(server_major)
+    }
+}
+
+/// The major version a `server_version` string starts with: `13.23`,
+/// `17.2 (Debian 17.2-1.pgdg120+1)` and `16beta1` give 13, 17 and 16;
+/// anything that does not start with digits gives `None`.
+pub fn server_major(version: &str) -> Option<u32> {
+    let end = version
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(version.len());
+    version[..end].parse().ok()
+}
+
 enum State {
     Authenticating,
     Sasl(Box<sasl::ScramSha256>),
@@ -411,6 +428,7 @@ mod tests {
         let ready = st.handle(backend(b'Z', b"I"), &mut out).unwrap().unwrap();
         assert_eq!(ready.backend_pid, 42);
         assert_eq!(ready.server_version.as_deref(), Some("15.4"));
+        assert_eq!(ready.server_major(), Some(15));
     }
 
     #[test]
@@ -447,6 +465,22 @@ mod tests {
         match q.handle(backend(b'Z', b"I")) {
             QueryStatus::Done(rows) => assert_eq!(rows, vec![vec![Some("ab".to_owned()), None]]),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_major_version_is_the_leading_number_of_server_version() {
+        for (v, major) in [
+            ("13.23", Some(13)),
+            ("14.25", Some(14)),
+            ("17.2 (Debian 17.2-1.pgdg120+1)", Some(17)),
+            ("16beta1", Some(16)),
+            ("9.6.24", Some(9)),
+            ("", None),
+            ("beta", None),
+            ("99999999999999999999", None),
+        ] {
+            assert_eq!(server_major(v), major, "{v:?}");
         }
     }
 }

@@ -22,6 +22,8 @@
 //!   run arrives, before the caller walks it.
 //! - With `sslmode` `require`, `verify-ca` or `verify-full`, no byte of the
 //!   startup message (user, password) is sent before TLS is established.
+//! - pgoutput's `messages` option is asked for only from a server that has
+//!   it (14 and newer, [`MESSAGES_SINCE`]).
 
 mod conn;
 pub mod sql;
@@ -52,6 +54,14 @@ use crate::pgwire::startup::{
 use crate::pgwire::DecodeError;
 
 use transport::{ReadBatch, Writer};
+
+/// The oldest PostgreSQL major version Factlib supports.
+pub const MIN_SERVER_MAJOR: u32 = 13;
+
+/// The first major version whose pgoutput streams logical decoding
+/// messages (`pg_logical_emit_message`, `factlib.emit`): its `messages`
+/// option. On 13, only outbox-table rows reach the relay.
+pub const MESSAGES_SINCE: u32 = 14;
 
 /// Why the replication connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -342,6 +352,15 @@ impl ReplicationStream {
         self.ready.server_version.as_deref()
     }
 
+    /// Whether pgoutput on this server can stream logical decoding
+    /// messages (its `messages` option, PostgreSQL 14 and newer). A server
+    /// that does not say its version is taken to be able to.
+    pub fn streams_messages(&self) -> bool {
+        self.ready
+            .server_major()
+            .is_none_or(|major| major >= MESSAGES_SINCE)
+    }
+
     async fn flush(&mut self) -> Result<(), SourceError> {
         let out = std::mem::take(&mut self.out);
         self.out = self.writer.write_all(out).await?;
@@ -444,7 +463,10 @@ impl ReplicationStream {
     }
 
     /// `START_REPLICATION` with pgoutput protocol 1, the publication, and
-    /// logical messages on: what `tail` and `relay` stream.
+    /// logical messages on where the server has them
+    /// ([`Self::streams_messages`]; PostgreSQL 13's pgoutput refuses the
+    /// option and streams table changes only): what `tail` and `relay`
+    /// stream.
     pub async fn start_pgoutput(
         &mut self,
         slot: &str,
@@ -452,11 +474,20 @@ impl ReplicationStream {
         publication: &str,
     ) -> Result<(), SourceError> {
         let publications = format!("\"{}\"", publication.replace('"', "\"\""));
-        let options = [
+        let mut options = vec![
             ("proto_version", "1"),
             ("publication_names", publications.as_str()),
-            ("messages", "true"),
         ];
+        if self.streams_messages() {
+            options.push(("messages", "true"));
+        } else {
+            tracing::warn!(
+                server_version = self.server_version().unwrap_or("?"),
+                "this server's pgoutput streams no logical decoding messages (PostgreSQL 14 added them): \
+                 facts emitted with pg_logical_emit_message or factlib.emit are not relayed from it, \
+                 only outbox-table rows (factlib setup --outbox-table); upgrade to 14 or newer for message facts"
+            );
+        }
         self.start_logical(slot, start, &options).await
     }
 
