@@ -91,8 +91,8 @@ pub(crate) async fn server_major(
     if major < MIN_SERVER_MAJOR {
         return Err(CliError::Precondition(format!(
             "PostgreSQL {version} is not supported: Factlib needs PostgreSQL {MIN_SERVER_MAJOR} or newer \
-             (13 is the oldest release still supported by the PostgreSQL project with the pgoutput features the relay uses).\n  \
-             fix: upgrade the server (pg_upgrade), then run factlib setup again"
+             (14 or newer for logical-message facts).\n  \
+             fix: upgrade the server (pg_upgrade), then try again"
         )));
     }
     Ok((major, version))
