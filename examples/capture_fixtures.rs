@@ -934,7 +934,7 @@ async fn capture(
     want_commits: usize,
     want_standalone: usize,
 ) -> anyhow::Result<Vec<u8>> {
-    let mut sock = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+    let mut sock = TcpStream::connect((cfg.hosts[0].host.as_str(), cfg.hosts[0].port)).await?;
     let mut out = BytesMut::new();
     let mut buf = BytesMut::with_capacity(1 << 16);
     let mut startup = Startup::new(

@@ -610,6 +610,13 @@ pub struct SetupArgs {
     /// left alone. Needs CREATE on the database.
     #[arg(long, env = "FACTLIB_SQL_API", value_enum, default_value_t = SqlApiArg::V1)]
     pub sql_api: SqlApiArg,
+    /// Make the slot a failover slot (PostgreSQL 17 and later), so a
+    /// standby with `sync_replication_slots = on` keeps a copy that the
+    /// relay goes on from after the standby is promoted; an existing slot
+    /// is changed (with no relay streaming from it). Prints the settings
+    /// the primary and the standby need.
+    #[arg(long, env = "FACTLIB_FAILOVER")]
+    pub failover: bool,
 }
 
 /// `--sql-api`: which SQL emitter API `setup` installs.

@@ -40,7 +40,7 @@ fn other_ca() -> String {
 /// The real server's address (the plain test URL names it).
 fn server_addr() -> SocketAddr {
     let c = ConnectionConfig::from_url(&database_url()).expect("test URL parses");
-    format!("{}:{}", c.host, c.port)
+    format!("{}:{}", c.hosts[0].host, c.hosts[0].port)
         .parse()
         .expect("the test URL names an IP address")
 }

@@ -15,6 +15,7 @@ pub mod status;
 pub mod tail;
 
 mod emit_cmd;
+mod failover;
 
 use std::process::ExitCode;
 

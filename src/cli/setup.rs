@@ -12,6 +12,7 @@
 
 use std::process::ExitCode;
 
+use super::failover::{self, FAILOVER_SINCE};
 use super::{connect_sql, server_major, CliError};
 use crate::config::{CommonArgs, SetupArgs, SqlApiArg};
 use crate::emit::sql_api;
@@ -71,6 +72,15 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
             "warning: PostgreSQL {major}'s pgoutput streams no logical decoding messages (added in {MESSAGES_SINCE}): \
              facts emitted with pg_logical_emit_message reach no relay here; only outbox-table rows do"
         );
+    }
+
+    if args.failover && major < FAILOVER_SINCE {
+        return Err(CliError::Precondition(format!(
+            "--failover needs PostgreSQL {FAILOVER_SINCE} or newer (failover slots); this server is {version}, \
+             and nothing was created.\n  \
+             fix: run setup without --failover, and see the README's \"Failover before PostgreSQL 17\" for what \
+             a promotion of a standby means for the slot"
+        )));
     }
 
     let wal_level: String = client
@@ -175,35 +185,57 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
     let slot = &common.slot;
     let row = client
         .query_opt(
-            "SELECT plugin, slot_type, database FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin, slot_type, database, {} FROM pg_replication_slots WHERE slot_name = $1",
+                if major >= FAILOVER_SINCE { "failover" } else { "false" }
+            ),
             &[slot],
         )
         .await
         .map_err(pg("looking up the replication slot"))?;
+    let kind = if args.failover {
+        "pgoutput, failover"
+    } else {
+        "pgoutput"
+    };
     match row {
         Some(r) => {
             let plugin: Option<String> = r.get(0);
-            let kind: String = r.get(1);
-            if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
+            let slot_type: String = r.get(1);
+            if slot_type != "logical" || plugin.as_deref() != Some("pgoutput") {
                 return Err(CliError::Precondition(format!(
-                    "replication slot \"{slot}\" exists but is a {kind} slot with plugin {}; \
+                    "replication slot \"{slot}\" exists but is a {slot_type} slot with plugin {}; \
                      factlib needs a logical pgoutput slot. Drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another --slot",
                     plugin.as_deref().unwrap_or("none")
                 )));
             }
-            println!("slot \"{slot}\": exists (pgoutput), unchanged");
+            let is_failover: bool = r.get(3);
+            if args.failover && !is_failover {
+                failover::enable(&common.database_url, slot).await?;
+                println!("slot \"{slot}\": exists (pgoutput), now a failover slot");
+            } else if is_failover {
+                println!("slot \"{slot}\": exists (pgoutput, failover), unchanged");
+            } else {
+                println!("slot \"{slot}\": exists (pgoutput), unchanged");
+            }
         }
         None => {
+            // The five-argument form (failover) is new in 17.
+            let sql = if args.failover {
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+            } else {
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+            };
             let lsn: String = client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[slot],
-                )
+                .query_one(sql, &[slot])
                 .await
                 .map_err(pg(format!("creating replication slot \"{slot}\"")))?
                 .get(0);
-            println!("slot \"{slot}\": created (pgoutput) at {lsn}");
+            println!("slot \"{slot}\": created ({kind}) at {lsn}");
         }
+    }
+    if args.failover {
+        print_failover_requirements(&client).await?;
     }
 
     match args.sql_api {
@@ -223,6 +255,41 @@ pub async fn run(common: &CommonArgs, args: &SetupArgs) -> Result<ExitCode, CliE
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the settings a failover slot needs, with this primary's
+/// physical slots filled in, and warns if `synchronized_standby_slots` is
+/// empty.
+async fn print_failover_requirements(client: &tokio_postgres::Client) -> Result<(), CliError> {
+    let physical: Vec<String> = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_type = 'physical' ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(pg("listing the physical slots"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let row = client
+        .query_one(
+            "SELECT current_database()::text, current_user::text, current_setting('synchronized_standby_slots')",
+            &[],
+        )
+        .await
+        .map_err(pg("reading synchronized_standby_slots"))?;
+    let (dbname, user, synchronized): (String, String, String) =
+        (row.get(0), row.get(1), row.get(2));
+    println!("{}", failover::requirements(&physical, &dbname, &user));
+    if synchronized.is_empty() {
+        println!(
+            "warning: synchronized_standby_slots is empty on this primary: until it names the standby's \
+             physical slot, the relay can receive facts the standby has not, and a failover loses them"
+        );
+    } else {
+        println!("synchronized_standby_slots: {synchronized}");
+    }
+    Ok(())
 }
 
 /// Prints what installing `script` did (`label: installed v2 (what)`, …),

@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::{connect_sql, CliError};
+use super::failover::{self, Failover};
+use super::{connect_sql, server_major, CliError};
 use crate::config::{CommonArgs, StatusArgs};
 use crate::lsn::Lsn;
 use crate::route::checkpoint_topic;
@@ -35,12 +36,15 @@ struct Status {
     /// Why the checkpoint could not be read.
     checkpoint_error: Option<String>,
     slot_behind_checkpoint_bytes: Option<u64>,
+    /// Whether a promotion of a standby keeps the slot.
+    failover: Failover,
 }
 
 /// Runs `factlib status`. Exits 1 if the slot is missing.
 pub async fn run(common: &CommonArgs, args: &StatusArgs) -> Result<ExitCode, CliError> {
     let kafka = args.kafka.reader()?;
     let client = connect_sql(&common.database_url).await?;
+    let (major, _) = server_major(&client).await?;
     // The walsender's flush_lag: the time between WAL being flushed here and
     // the relay confirming it, as of its last status update. NULL once it
     // has caught up and nothing new was written.
@@ -88,12 +92,21 @@ pub async fn run(common: &CommonArgs, args: &StatusArgs) -> Result<ExitCode, Cli
         (_, false, _) => (None, Some("no relay is streaming from the slot")),
     };
     let topic = checkpoint_topic(&common.prefix);
+    let confirmed_flush_lsn: Option<String> = r.get(3);
+    let failover = failover::inspect(
+        &client,
+        &common.database_url,
+        major,
+        &common.slot,
+        confirmed_flush_lsn.as_deref(),
+    )
+    .await?;
     let mut st = Status {
         slot: common.slot.clone(),
         plugin: r.get(0),
         active,
         active_pid: r.get::<_, Option<i32>>(2).filter(|_| active),
-        confirmed_flush_lsn: r.get(3),
+        confirmed_flush_lsn,
         restart_lsn: r.get(4),
         current_wal_lsn: r.get(5),
         lag_bytes: lag,
@@ -105,6 +118,7 @@ pub async fn run(common: &CommonArgs, args: &StatusArgs) -> Result<ExitCode, Cli
         checkpoint: None,
         checkpoint_error: None,
         slot_behind_checkpoint_bytes: None,
+        failover,
     };
     match stored_checkpoint(&client, common, kafka, &topic).await {
         Ok(Some(c)) => {
@@ -169,6 +183,39 @@ fn print_text(st: &Status) {
         }
         (None, Some(e)) => println!("checkpoint:          unknown ({e})"),
         (None, None) => println!("checkpoint:          none (no exactly-once commit in {topic})"),
+    }
+    print_failover(&st.failover);
+}
+
+fn print_failover(f: &Failover) {
+    match f.slot_failover {
+        Some(true) => println!("failover:            yes (a failover slot)"),
+        Some(false) => println!("failover:            no (not a failover slot)"),
+        None => println!("failover:            no (failover slots need PostgreSQL 17)"),
+    }
+    if let Some(s) = &f.synchronized_standby_slots {
+        let s = if s.is_empty() { "(empty)" } else { s };
+        println!("synchronized_standby_slots: {s}");
+    }
+    println!("physical_standbys:   {}", f.physical_standbys);
+    for v in &f.servers {
+        let what = match (&v.error, &v.slot) {
+            (Some(e), _) => format!("unreachable: {e}"),
+            (None, None) => format!("{}, no copy of the slot", v.role),
+            (None, Some(c)) if v.role == "standby" => format!(
+                "standby, slot synced: {}, temporary: {}, confirmed_flush_lsn {}{}, ready for failover: {}",
+                c.synced.map_or("-", |s| if s { "yes" } else { "no" }),
+                if c.temporary { "yes" } else { "no" },
+                c.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                c.behind_bytes.map_or(String::new(), |b| format!(" ({b} bytes behind)")),
+                if c.ready_for_failover { "yes" } else { "no" },
+            ),
+            (None, Some(_)) => format!("{}, has the slot", v.role),
+        };
+        println!("server {}: {what}", v.server);
+    }
+    for w in &f.warnings {
+        println!("warning: {w}");
     }
 }
 

@@ -237,9 +237,12 @@ impl Default for RelaySettings {
     fn default() -> Self {
         RelaySettings {
             connection: ConnectionConfig {
-                host: "127.0.0.1".into(),
-                hostaddr: None,
-                port: 54329,
+                hosts: vec![crate::source::Endpoint {
+                    host: "127.0.0.1".into(),
+                    hostaddr: None,
+                    port: 54329,
+                }],
+                target_session_attrs: crate::source::SessionAttrs::Any,
                 user: "factlib".into(),
                 password: Some("factlib".into()),
                 dbname: "factlib".into(),

@@ -93,6 +93,7 @@ impl Relay {
         };
         telemetry::Connected {
             slot: &self.settings.slot,
+            server: conn.server(),
             backend_pid: conn.backend_pid(),
             start,
             transport: conn.transport().name(),

@@ -13,7 +13,9 @@
 //! forms, before the rest is handed to it.
 //!
 //! **Invariants**
-//! - A parsed [`ConnectionConfig`] always names a TCP host and a user; the
+//! - A parsed [`ConnectionConfig`] always names at least one TCP host (a
+//!   multi-host string gives one [`Endpoint`] per TCP host, in order,
+//!   paired with its `hostaddr` and port as libpq pairs them) and a user; the
 //!   database defaults to the user, and the password to `PGPASSWORD`, as
 //!   with libpq. `sslmode` defaults to `prefer`, as with libpq, and each
 //!   `ssl*` key falls back to its `PGSSL*` environment variable.
@@ -204,11 +206,10 @@ impl TlsSettings {
     }
 }
 
-/// Where and how to connect, as parsed from the connection string.
-///
-/// `Debug` shows whether a password is set, never the password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ConnectionConfig {
+/// One server a connection string names: libpq's `host`, `hostaddr` and
+/// `port`, one of each per server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
     /// TCP host; also the name the server's certificate must carry under
     /// `sslmode=verify-full`.
     pub host: String,
@@ -216,6 +217,49 @@ pub struct ConnectionConfig {
     pub hostaddr: Option<IpAddr>,
     /// TCP port.
     pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.hostaddr {
+            Some(a) => write!(f, "{}:{} (hostaddr {a})", self.host, self.port),
+            None => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+/// libpq's `target_session_attrs`: which of the listed servers will do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionAttrs {
+    /// The first server that accepts the connection.
+    #[default]
+    Any,
+    /// The first server whose sessions may write (`SHOW
+    /// transaction_read_only` is `off`): the primary, never a hot standby.
+    /// With every server of a primary/standby pair listed, a client follows
+    /// a failover to the promoted standby.
+    ReadWrite,
+}
+
+impl SessionAttrs {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+        }
+    }
+}
+
+/// Where and how to connect, as parsed from the connection string.
+///
+/// `Debug` shows whether a password is set, never the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionConfig {
+    /// The servers, in the order they are tried; never empty.
+    pub hosts: Vec<Endpoint>,
+    /// Which of them will do.
+    pub target_session_attrs: SessionAttrs,
     /// Role.
     pub user: String,
     /// Password, from the string or `PGPASSWORD`.
@@ -229,9 +273,8 @@ pub struct ConnectionConfig {
 impl fmt::Debug for ConnectionConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectionConfig")
-            .field("host", &self.host)
-            .field("hostaddr", &self.hostaddr)
-            .field("port", &self.port)
+            .field("hosts", &self.hosts)
+            .field("target_session_attrs", &self.target_session_attrs)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("dbname", &self.dbname)
@@ -254,33 +297,70 @@ impl ConnectionConfig {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, UrlError> {
         let (cfg, tls) = sql_config_env(url, env)?;
-        let hostaddr = cfg.get_hostaddrs().first().copied();
-        let host = cfg
-            .get_hosts()
-            .iter()
-            .find_map(|h| match h {
-                tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
-                #[allow(unreachable_patterns)]
-                _ => None,
-            })
-            .or_else(|| hostaddr.map(|a| a.to_string()))
-            .ok_or(UrlError::NoTcpHost)?;
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let hosts = endpoints(&cfg)?;
+        let target_session_attrs = match cfg.get_target_session_attrs() {
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite => SessionAttrs::ReadWrite,
+            _ => SessionAttrs::Any,
+        };
         let user = cfg.get_user().ok_or(UrlError::NoUser)?.to_owned();
         let password = cfg
             .get_password()
             .map(|p| String::from_utf8_lossy(p).into_owned());
         let dbname = cfg.get_dbname().unwrap_or(&user).to_owned();
         Ok(ConnectionConfig {
-            host,
-            hostaddr,
-            port,
+            hosts,
+            target_session_attrs,
             user,
             password,
             dbname,
             tls,
         })
     }
+}
+
+impl ConnectionConfig {
+    /// The same settings with `endpoint` as the only server, of any kind:
+    /// for looking at each server of a multi-host string in turn.
+    pub(crate) fn only(&self, endpoint: &Endpoint) -> ConnectionConfig {
+        ConnectionConfig {
+            hosts: vec![endpoint.clone()],
+            target_session_attrs: SessionAttrs::Any,
+            ..self.clone()
+        }
+    }
+}
+
+/// The TCP servers of a parsed string, paired up as libpq pairs them: the
+/// i-th `host` with the i-th `hostaddr` and the i-th `port` (one port
+/// serves every host; none means 5432). Unix-socket hosts are left out:
+/// the replication client speaks TCP only.
+fn endpoints(cfg: &tokio_postgres::Config) -> Result<Vec<Endpoint>, UrlError> {
+    let (hosts, addrs, ports) = (cfg.get_hosts(), cfg.get_hostaddrs(), cfg.get_ports());
+    let port_of = |i: usize| match ports {
+        [] => 5432,
+        [one] => *one,
+        many => many.get(i).copied().unwrap_or(5432),
+    };
+    let found: Vec<Endpoint> = (0..hosts.len().max(addrs.len()))
+        .filter_map(|i| {
+            let hostaddr = addrs.get(i).copied();
+            let host = match hosts.get(i) {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                None => hostaddr?.to_string(),
+                #[allow(unreachable_patterns)]
+                Some(_) => return None,
+            };
+            Some(Endpoint {
+                host,
+                hostaddr,
+                port: port_of(i),
+            })
+        })
+        .collect();
+    if found.is_empty() {
+        return Err(UrlError::NoTcpHost);
+    }
+    Ok(found)
 }
 
 /// Parses a connection string for a SQL session: the `tokio_postgres`
@@ -299,6 +379,16 @@ fn sql_config_env(
     let mut cfg: tokio_postgres::Config = rest.parse().map_err(|e| UrlError::Parse {
         reason: error_chain(&e),
     })?;
+    if !matches!(
+        cfg.get_target_session_attrs(),
+        tokio_postgres::config::TargetSessionAttrs::Any
+            | tokio_postgres::config::TargetSessionAttrs::ReadWrite
+    ) {
+        // Only the modes the replication client implements (and tests).
+        return Err(UrlError::Parse {
+            reason: "target_session_attrs must be any or read-write".into(),
+        });
+    }
     if cfg.get_password().is_none() {
         if let Some(p) = env("PGPASSWORD") {
             cfg.password(p);
@@ -476,8 +566,8 @@ mod tests {
         let c = parse("postgresql://u:p@127.0.0.1:5433/db");
         assert_eq!(
             (
-                c.host.as_str(),
-                c.port,
+                c.hosts[0].host.as_str(),
+                c.hosts[0].port,
                 c.user.as_str(),
                 c.password.as_deref(),
                 c.dbname.as_str()
@@ -485,7 +575,9 @@ mod tests {
             ("127.0.0.1", 5433, "u", Some("p"), "db")
         );
         let c = parse("host=localhost user=x");
-        assert_eq!((c.port, c.dbname.as_str()), (5432, "x"));
+        assert_eq!((c.hosts[0].port, c.dbname.as_str()), (5432, "x"));
+        assert_eq!(c.hosts.len(), 1);
+        assert_eq!(c.target_session_attrs, SessionAttrs::Any);
         assert!(matches!(
             ConnectionConfig::from_url_env("postgresql://127.0.0.1/db", &no_env),
             Err(UrlError::NoUser)
@@ -518,7 +610,7 @@ mod tests {
              &application_name=x&sslcert=/c.crt&sslkey=/c.key",
         );
         assert_eq!(
-            (c.host.as_str(), c.port, c.dbname.as_str()),
+            (c.hosts[0].host.as_str(), c.hosts[0].port, c.dbname.as_str()),
             ("db.example", 5433, "d")
         );
         assert_eq!(c.tls.mode, SslMode::VerifyFull);
@@ -539,9 +631,9 @@ mod tests {
             "host=wrong.example hostaddr=127.0.0.1 port=54329 user=factlib password='a b\\'c' \
              dbname=factlib sslmode = verify-ca sslrootcert='/tmp/my ca.crt'",
         );
-        assert_eq!(c.host, "wrong.example");
-        assert_eq!(c.hostaddr, Some("127.0.0.1".parse().unwrap()));
-        assert_eq!(c.port, 54329);
+        assert_eq!(c.hosts[0].host, "wrong.example");
+        assert_eq!(c.hosts[0].hostaddr, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(c.hosts[0].port, 54329);
         assert_eq!(c.password.as_deref(), Some("a b'c"));
         assert_eq!(c.tls.mode, SslMode::VerifyCa);
         assert_eq!(c.tls.root_cert, Some(PathBuf::from("/tmp/my ca.crt")));
@@ -552,11 +644,40 @@ mod tests {
     fn hostaddr_in_a_url_and_alone() {
         let c = parse("postgresql://u@wrong.example:5432/d?hostaddr=127.0.0.1&sslmode=require");
         assert_eq!(
-            (c.host.as_str(), c.hostaddr),
+            (c.hosts[0].host.as_str(), c.hosts[0].hostaddr),
             ("wrong.example", Some("127.0.0.1".parse().unwrap()))
         );
         let c = parse("hostaddr=10.0.0.1 user=u");
-        assert_eq!(c.host, "10.0.0.1");
+        assert_eq!(c.hosts[0].host, "10.0.0.1");
+    }
+
+    /// A primary and its standby in one string: both are tried in order,
+    /// each with its own port (or the one port for all), and
+    /// `target_session_attrs` says which will do.
+    #[test]
+    fn several_hosts_with_target_session_attrs() {
+        let c =
+            parse("postgresql://u:p@10.0.0.1:5433,10.0.0.2:5434/d?target_session_attrs=read-write");
+        let hosts: Vec<_> = c.hosts.iter().map(|e| e.to_string()).collect();
+        assert_eq!(hosts, ["10.0.0.1:5433", "10.0.0.2:5434"]);
+        assert_eq!(c.target_session_attrs, SessionAttrs::ReadWrite);
+        let c = parse("host=a,b port=6000 user=u target_session_attrs=any");
+        let hosts: Vec<_> = c.hosts.iter().map(|e| e.to_string()).collect();
+        assert_eq!(hosts, ["a:6000", "b:6000"]);
+        assert_eq!(c.target_session_attrs, SessionAttrs::Any);
+        let c = parse("host=a,b hostaddr=10.0.0.1,10.0.0.2 user=u");
+        assert_eq!(c.hosts[1].to_string(), "b:5432 (hostaddr 10.0.0.2)");
+        // Unix sockets are left out; the TCP host stays.
+        let c = parse("host=/tmp,db.example user=u");
+        assert_eq!(c.hosts.len(), 1);
+        assert_eq!(c.hosts[0].host, "db.example");
+        let e = ConnectionConfig::from_url_env(
+            "postgresql://u@a,b/d?target_session_attrs=read-only",
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("any or read-write"), "{e}");
+        assert!(sql_config_env("host=a user=u target_session_attrs=read-only", &no_env).is_err());
     }
 
     #[test]

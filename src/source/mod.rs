@@ -5,7 +5,8 @@
 //! string (`conn`), TLS (`tls`), and the SQL sessions over both (`sql`).
 //!
 //! ```text
-//!  ConnectionConfig ──transport::connect──► [SSLRequest ──► TLS handshake] ──► startup/auth
+//!  ConnectionConfig.hosts, in order ──transport::connect──► [SSLRequest ──► TLS handshake] ──► startup/auth
+//!                                    └─(read-write asked, SHOW transaction_read_only = on)──► next host
 //!  transport reader task ──batches of Backend──► ReplicationStream::next_run_or ──► CopyRun (relay)
 //!                                                  └──────────────► ::next ──► ReplicationMessage
 //!  caller ──confirm(lsn)──► ReplicationStream ──status update (flush = confirmed)──► server
@@ -24,6 +25,10 @@
 //!   startup message (user, password) is sent before TLS is established.
 //! - pgoutput's `messages` option is asked for only from a server that has
 //!   it (14 and newer, [`MESSAGES_SINCE`]).
+//! - With `target_session_attrs=read-write`, a connection is handed out only
+//!   from a server whose `transaction_read_only` is `off`: never from a hot
+//!   standby. All servers refusing is transient if any refusal is (a
+//!   failover under way).
 
 mod conn;
 pub mod sql;
@@ -31,7 +36,9 @@ mod tls;
 pub mod transport;
 
 pub(crate) use conn::{error_chain, sql_config};
-pub use conn::{ClientCert, ConnectionConfig, SslMode, TlsSettings, UrlError};
+pub use conn::{
+    ClientCert, ConnectionConfig, Endpoint, SessionAttrs, SslMode, TlsSettings, UrlError,
+};
 pub use tls::TlsError;
 pub(crate) use tls::{Connector, MakeRustls};
 
@@ -104,6 +111,24 @@ pub enum SourceError {
     /// The server answered something we did not expect.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// `target_session_attrs=read-write` and the server's sessions are
+    /// read-only: a hot standby (a failover may be under way), or
+    /// `default_transaction_read_only` is on. Transient.
+    #[error("{server}: read-only (a hot standby, or default_transaction_read_only is on), and --database-url asks for target_session_attrs=read-write")]
+    ReadOnly {
+        /// The server.
+        server: String,
+    },
+    /// No server of a multi-host connection string would do.
+    #[error("no server in --database-url accepted a {wanted} session: {tried}")]
+    NoHost {
+        /// `target_session_attrs`.
+        wanted: &'static str,
+        /// What each server did, in order.
+        tried: String,
+        /// Whether any of the failures was transient.
+        transient: bool,
+    },
 }
 
 fn advice(e: &ServerError) -> &'static str {
@@ -137,7 +162,9 @@ impl SourceError {
             SourceError::Io(_)
             | SourceError::Connect { .. }
             | SourceError::ConnectTimeout(_)
-            | SourceError::Closed => true,
+            | SourceError::Closed
+            | SourceError::ReadOnly { .. } => true,
+            SourceError::NoHost { transient, .. } => *transient,
             SourceError::Tls(e) => e.is_transient(),
             SourceError::Server { error, .. }
             | SourceError::Startup(StartupError::Server(error)) => {
@@ -245,6 +272,8 @@ pub struct ReplicationStream {
     writer: Writer,
     transport: Transport,
     tls: bool,
+    /// `host:port` of the server.
+    server: String,
     out: BytesMut,
     ready: Ready,
     confirmed: Lsn,
@@ -255,18 +284,67 @@ pub struct ReplicationStream {
 
 impl ReplicationStream {
     /// Connects with `replication=database` (over TLS as `conn.tls` says)
-    /// and authenticates.
+    /// and authenticates, trying `conn.hosts` in order until one accepts
+    /// and has the [`SessionAttrs`] asked for. With one host, its error is
+    /// returned as it is; with several, [`SourceError::NoHost`] lists what
+    /// each one did.
     pub async fn connect(
         conn: &ConnectionConfig,
         settings: &SourceSettings,
     ) -> Result<Self, SourceError> {
-        let target = match conn.hostaddr {
-            Some(a) => format!("{}:{} (hostaddr {a})", conn.host, conn.port),
-            None => format!("{}:{}", conn.host, conn.port),
-        };
-        let addr: SocketAddr = match conn.hostaddr {
-            Some(a) => SocketAddr::new(a, conn.port),
-            None => (conn.host.as_str(), conn.port)
+        let mut tried = Vec::new();
+        let mut transient = false;
+        for endpoint in &conn.hosts {
+            let failure = match Self::connect_to(endpoint, conn, settings).await {
+                Ok(mut s) => match s.read_only_refusal(conn.target_session_attrs).await {
+                    Ok(None) => return Ok(s),
+                    Ok(Some(refusal)) => refusal,
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if conn.hosts.len() == 1 && !matches!(failure, SourceError::ReadOnly { .. }) {
+                return Err(failure);
+            }
+            transient |= failure.is_transient();
+            tried.push(failure.to_string());
+        }
+        Err(SourceError::NoHost {
+            wanted: conn.target_session_attrs.as_str(),
+            tried: tried.join("; "),
+            transient,
+        })
+    }
+
+    /// `Some(SourceError::ReadOnly)` if `attrs` asks for a read-write
+    /// session and this server's sessions are read-only (libpq's check:
+    /// `SHOW transaction_read_only`).
+    async fn read_only_refusal(
+        &mut self,
+        attrs: SessionAttrs,
+    ) -> Result<Option<SourceError>, SourceError> {
+        if attrs == SessionAttrs::Any {
+            return Ok(None);
+        }
+        let rows = self.query("SHOW transaction_read_only").await?;
+        let read_only = rows.first().and_then(|r| r.first()).cloned().flatten();
+        Ok(match read_only.as_deref() {
+            Some("off") => None,
+            _ => Some(SourceError::ReadOnly {
+                server: self.server.clone(),
+            }),
+        })
+    }
+
+    async fn connect_to(
+        endpoint: &Endpoint,
+        conn: &ConnectionConfig,
+        settings: &SourceSettings,
+    ) -> Result<Self, SourceError> {
+        let target = endpoint.to_string();
+        let addr: SocketAddr = match endpoint.hostaddr {
+            Some(a) => SocketAddr::new(a, endpoint.port),
+            None => (endpoint.host.as_str(), endpoint.port)
                 .to_socket_addrs()
                 .map_err(|source| SourceError::Connect {
                     addr: target.clone(),
@@ -287,7 +365,7 @@ impl ReplicationStream {
             transport::Target {
                 addr,
                 name: &target,
-                host: &conn.host,
+                host: &endpoint.host,
                 tls: connector.as_ref(),
             },
             settings.read_buffer,
@@ -303,6 +381,7 @@ impl ReplicationStream {
             writer: connected.writer,
             transport: connected.transport,
             tls: connected.tls,
+            server: target,
             out: BytesMut::with_capacity(1024),
             ready: Ready::default(),
             confirmed: Lsn::INVALID,
@@ -330,6 +409,11 @@ impl ReplicationStream {
                 return Ok(s);
             }
         }
+    }
+
+    /// The server this stream is connected to (`host:port`).
+    pub fn server(&self) -> &str {
+        &self.server
     }
 
     /// The walsender's process id.

@@ -73,6 +73,8 @@ pub(crate) fn set_working(on: bool) {
 pub struct Connected<'a> {
     /// Slot name.
     pub slot: &'a str,
+    /// `host:port` of the server.
+    pub server: &'a str,
     /// Walsender PID.
     pub backend_pid: i32,
     /// Where streaming starts.
@@ -86,7 +88,7 @@ impl Connected<'_> {
     pub fn emit(&self) {
         METRICS.connections.inc();
         health::set_streaming(true);
-        tracing::info!(slot = self.slot, backend_pid = self.backend_pid, start = %self.start, transport = self.transport, "streaming from slot");
+        tracing::info!(slot = self.slot, server = self.server, backend_pid = self.backend_pid, start = %self.start, transport = self.transport, "streaming from slot");
     }
 }
 
