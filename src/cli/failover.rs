@@ -300,3 +300,83 @@ pub(super) fn requirements(physical_slots: &[String], dbname: &str, user: &str) 
          then `factlib status` shows whether the standby's copy of the slot is ready for failover"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn primary_with(slot_failover: Option<bool>, standbys: i64, sss: Option<&str>) -> Failover {
+        Failover {
+            slot_failover,
+            synchronized_standby_slots: sss.map(str::to_owned),
+            physical_standbys: standbys,
+            servers: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    fn view(role: &'static str, slot: Option<SlotCopy>) -> ServerView {
+        ServerView {
+            server: format!("{role}:5432"),
+            role,
+            slot,
+            error: None,
+        }
+    }
+
+    fn copy(temporary: bool, ready: bool) -> SlotCopy {
+        SlotCopy {
+            synced: Some(true),
+            temporary,
+            confirmed_flush_lsn: Some("0/10".into()),
+            behind_bytes: Some(0),
+            invalidation_reason: None,
+            ready_for_failover: ready,
+        }
+    }
+
+    #[test]
+    fn a_slot_a_promotion_would_lose_is_named_with_the_fix_for_the_version() {
+        let w = warnings(&primary_with(Some(false), 2, Some("")), 17, "s");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("2 physical standby(s)") && w[0].contains("setup --failover"));
+        let w = warnings(&primary_with(None, 1, None), 16, "s");
+        assert!(w[0].contains("Failover before PostgreSQL 17"), "{w:?}");
+        // No standby, nothing to lose.
+        assert!(warnings(&primary_with(Some(false), 0, Some("")), 17, "s").is_empty());
+        assert!(warnings(&primary_with(None, 0, None), 15, "s").is_empty());
+    }
+
+    #[test]
+    fn a_failover_slot_needs_synchronized_standby_slots_and_a_ready_copy() {
+        let w = warnings(&primary_with(Some(true), 1, Some("")), 17, "s");
+        assert!(
+            w.len() == 1 && w[0].contains("synchronized_standby_slots is empty"),
+            "{w:?}"
+        );
+        let mut f = primary_with(Some(true), 1, Some("phys"));
+        f.servers = vec![view("primary", None), view("standby", None)];
+        let w = warnings(&f, 17, "s");
+        assert!(
+            w.len() == 1 && w[0].contains("has no copy") && w[0].contains("sync_replication_slots"),
+            "{w:?}"
+        );
+        f.servers[1] = view("standby", Some(copy(true, false)));
+        let w = warnings(&f, 17, "s");
+        assert!(w.len() == 1 && w[0].contains("still temporary"), "{w:?}");
+        f.servers[1] = view("standby", Some(copy(false, true)));
+        assert!(warnings(&f, 17, "s").is_empty());
+    }
+
+    #[test]
+    fn two_primaries_in_the_url_are_called_out() {
+        let mut f = primary_with(Some(true), 0, Some("phys"));
+        f.servers = vec![view("primary", None), view("primary", None)];
+        let w = warnings(&f, 17, "s");
+        assert!(
+            w.iter()
+                .any(|w| w.contains("2 servers of --database-url are primaries")),
+            "{w:?}"
+        );
+    }
+}

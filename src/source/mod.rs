@@ -796,3 +796,32 @@ impl ReplicationStream {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// During a failover every server refuses for a while (the primary is
+    /// gone, the standby still read-only): the relay must retry, not stop.
+    /// A definite refusal from every server stops it.
+    #[test]
+    fn no_server_is_transient_exactly_when_a_refusal_is() {
+        let read_only = SourceError::ReadOnly {
+            server: "b:5432".into(),
+        };
+        assert!(read_only.is_transient());
+        let during_failover = SourceError::NoHost {
+            wanted: "read-write",
+            tried: format!("a:5432: refused; {read_only}"),
+            transient: true,
+        };
+        assert!(during_failover.is_transient());
+        assert!(during_failover.to_string().contains("b:5432: read-only"));
+        let all_definite = SourceError::NoHost {
+            wanted: "any",
+            tried: "a:5432: password authentication failed".into(),
+            transient: false,
+        };
+        assert!(!all_definite.is_transient());
+    }
+}
