@@ -261,6 +261,19 @@ async fn a_promoted_standby_takes_over_with_nothing_lost_or_repeated() {
         "{}",
         r.stdout
     );
+    // status through the standby alone says where to point it.
+    let mut c = factlib(&slot_late, &publication, &prefix);
+    c.env("FACTLIB_DATABASE_URL", &standby)
+        .env("FACTLIB_BROKERS", brokers())
+        .arg("status");
+    let r = run(c, Duration::from_secs(60)).await;
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("is a standby in recovery")
+            && r.stderr.contains("target_session_attrs=read-write"),
+        "{}",
+        r.stderr
+    );
     p.execute("SELECT pg_drop_replication_slot($1)", &[&slot_late])
         .await
         .unwrap();

@@ -45,6 +45,22 @@ pub async fn run(common: &CommonArgs, args: &StatusArgs) -> Result<ExitCode, Cli
     let kafka = args.kafka.reader()?;
     let client = connect_sql(&common.database_url).await?;
     let (major, _) = server_major(&client).await?;
+    let in_recovery: bool = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(|source| CliError::Postgres {
+            context: "asking whether the server is a standby".into(),
+            source,
+        })?
+        .get(0);
+    if in_recovery {
+        return Err(CliError::Precondition(
+            "the server --database-url reached is a standby in recovery; status reports on the primary.\n  \
+             fix: point --database-url at the primary, or list every server with target_session_attrs=read-write \
+             (e.g. postgresql://user@primary:5432,standby:5432/db?target_session_attrs=read-write)"
+                .into(),
+        ));
+    }
     // The walsender's flush_lag: the time between WAL being flushed here and
     // the relay confirming it, as of its last status update. NULL once it
     // has caught up and nothing new was written.
