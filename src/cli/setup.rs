@@ -6,6 +6,9 @@
 //! **Invariants**
 //! - Nothing is created on a server older than
 //!   [`MIN_SERVER_MAJOR`](crate::source::MIN_SERVER_MAJOR) ([`server_major`]).
+//! - `--failover` on a server older than
+//!   `FAILOVER_SINCE` (17) creates nothing; on a newer one the slot ends up a
+//!   failover slot, whether setup created it or found it.
 //! - On a server whose pgoutput streams no logical messages (13), setup
 //!   installs no SQL emitter API and leaves no publication without tables:
 //!   a fact emitted there would never reach the relay.

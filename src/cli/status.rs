@@ -1,5 +1,6 @@
-//! `factlib status`: where the slot is, how much WAL it holds back, and the
-//! exactly-once checkpoint in Kafka.
+//! `factlib status`: where the slot is, how much WAL it holds back, the
+//! exactly-once checkpoint in Kafka, and whether a promotion of a standby
+//! would keep the slot (`cli::failover`). It reports on a primary only.
 
 use std::process::ExitCode;
 use std::time::Duration;
