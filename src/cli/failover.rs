@@ -16,7 +16,7 @@
 use crate::lsn::Lsn;
 use crate::source::{ConnectionConfig, ReplicationStream, SourceError, SourceSettings};
 
-use super::CliError;
+use super::{pg, CliError};
 
 /// The first major version with failover slots.
 pub(crate) const FAILOVER_SINCE: u32 = 17;
@@ -67,15 +67,9 @@ pub(super) struct SlotCopy {
     pub ready_for_failover: bool,
 }
 
-fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> CliError {
-    move |source| CliError::Postgres {
-        context: context.into(),
-        source,
-    }
-}
-
-/// Reads what failover needs: from `client` (the server `status` reports
-/// on) and from each server of `url` when it names more than one.
+/// Reads what failover needs: from `client`, a primary (the server
+/// `status` reports on), and from each server of `url` when it names more
+/// than one.
 pub(super) async fn inspect(
     client: &tokio_postgres::Client,
     url: &str,
@@ -83,17 +77,16 @@ pub(super) async fn inspect(
     slot: &str,
     primary_flush: Option<&str>,
 ) -> Result<Failover, CliError> {
-    let row = client
+    let physical_standbys: i64 = client
         .query_one(
-            "SELECT pg_is_in_recovery(), \
-                    (SELECT count(*) FROM pg_stat_replication r WHERE NOT EXISTS \
-                       (SELECT 1 FROM pg_replication_slots s \
-                        WHERE s.active_pid = r.pid AND s.slot_type = 'logical'))",
+            "SELECT count(*) FROM pg_stat_replication r WHERE NOT EXISTS \
+               (SELECT 1 FROM pg_replication_slots s \
+                WHERE s.active_pid = r.pid AND s.slot_type = 'logical')",
             &[],
         )
         .await
-        .map_err(pg("counting the physical standbys"))?;
-    let (in_recovery, physical_standbys): (bool, i64) = (row.get(0), row.get(1));
+        .map_err(pg("counting the physical standbys"))?
+        .get(0);
     let (slot_failover, synchronized_standby_slots) = if major >= FAILOVER_SINCE {
         let r = client
             .query_one(
@@ -122,9 +115,7 @@ pub(super) async fn inspect(
                 .push(look_at(&conn.only(endpoint), slot, primary_flush).await);
         }
     }
-    if !in_recovery {
-        f.warnings = warnings(&f, major, slot);
-    }
+    f.warnings = warnings(&f, major, slot);
     Ok(f)
 }
 

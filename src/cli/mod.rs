@@ -72,6 +72,13 @@ pub enum CliError {
     },
 }
 
+/// Turns a failed query into [`CliError::Postgres`] saying what was being
+/// done.
+pub(super) fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CliError {
+    let context = context.into();
+    move |source| CliError::Postgres { context, source }
+}
+
 /// The server's major version and its `server_version`; refuses one older
 /// than [`MIN_SERVER_MAJOR`].
 pub(crate) async fn server_major(

@@ -16,16 +16,11 @@
 use std::process::ExitCode;
 
 use super::failover::{self, FAILOVER_SINCE};
-use super::{connect_sql, server_major, CliError};
+use super::{connect_sql, pg, server_major, CliError};
 use crate::config::{CommonArgs, SetupArgs, SqlApiArg};
 use crate::emit::sql_api;
 use crate::schema::{Installed, SchemaError, Script};
 use crate::source::MESSAGES_SINCE;
-
-fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CliError {
-    let context = context.into();
-    move |source| CliError::Postgres { context, source }
-}
 
 /// Quotes a possibly schema-qualified table name as `"schema"."table"`.
 fn quote_table(name: &str) -> String {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::failover::{self, Failover};
-use super::{connect_sql, server_major, CliError};
+use super::{connect_sql, pg, server_major, CliError};
 use crate::config::{CommonArgs, StatusArgs};
 use crate::lsn::Lsn;
 use crate::route::checkpoint_topic;
@@ -49,10 +49,7 @@ pub async fn run(common: &CommonArgs, args: &StatusArgs) -> Result<ExitCode, Cli
     let in_recovery: bool = client
         .query_one("SELECT pg_is_in_recovery()", &[])
         .await
-        .map_err(|source| CliError::Postgres {
-            context: "asking whether the server is a standby".into(),
-            source,
-        })?
+        .map_err(pg("asking whether the server is a standby"))?
         .get(0);
     if in_recovery {
         return Err(CliError::Precondition(
